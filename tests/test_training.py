@@ -1,0 +1,124 @@
+"""The shared training step, schedules and checkpoints."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from utils.post_train import tokenize_prompt_and_output
+from utils.training import (
+    NonFiniteLossError,
+    build_optimizer,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_at_step,
+    save_checkpoint,
+    train_step,
+)
+
+
+def test_lr_schedules_at_known_steps():
+    # constant with warmup 4: 0.25, 0.5, 0.75, 1.0, then flat
+    assert [lr_at_step(s, 1.0, "constant", 10, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # cosine, warmup 3% of 100 steps = 3, from 2e-5 to 2e-6 (the instruction reference)
+    lrs = [lr_at_step(s, 2e-5, "cosine", 100, 3, 2e-6) for s in range(100)]
+    assert lrs[0] == pytest.approx(2e-5 / 3) and lrs[2] == pytest.approx(2e-5)
+    assert lrs[3] == pytest.approx(2e-5)  # decay starts at peak
+    assert lrs[99] == pytest.approx(2e-6)  # ends at min_lr
+    mid = 3 + (99 - 3) / 2  # halfway through the decay the cosine is at the midpoint
+    assert lr_at_step(int(mid), 2e-5, "cosine", 100, 3, 2e-6) == pytest.approx(1.1e-5)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lr_at_step(5, 1.0, "linear", 11, 0, 0.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at_step(0, 1.0, "step", 10)
+
+
+@pytest.fixture()
+def model_and_batch(tiny_qwen_dir, tiny_qwen_tokenizer):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    prompts = ["What is 12 + 35?", "Write a poem.", "Question: 1,000 + 2,500?", "The sea"]
+    outputs = [" 47 </answer>", " The waves roll in.", " 3,500. The correct answer is B.", " rolls and the gulls cry"]
+    return model, tiny_qwen_tokenizer, prompts, outputs
+
+
+def test_train_step_lowers_loss_and_changes_every_parameter(model_and_batch):
+    model, tok, prompts, outputs = model_and_batch
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    mb = tokenize_prompt_and_output(prompts, outputs, tok)
+    losses = [train_step(model, opt, [mb], lr=1e-2)["nll_per_token"] for _ in range(8)]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.7 * losses[0]
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), f"{n} did not change"
+
+
+@pytest.mark.parametrize("normalization", ["step_tokens", "per_example", "constant"])
+def test_gradient_accumulation_matches_one_big_batch(model_and_batch, tiny_qwen_dir, normalization):
+    """4 examples in one micro-batch == 2 micro-batches of 2 (GA=2), for every normalization.
+
+    SGD with lr 1 makes the update equal the gradient, so parameters compare gradients exactly (Adam's first step
+    is ~lr * sign(g) and would amplify rounding where g ~ 0).
+    """
+    model, tok, prompts, outputs = model_and_batch
+    twin = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    opt_a, opt_b = torch.optim.SGD(model.parameters(), lr=1.0), torch.optim.SGD(twin.parameters(), lr=1.0)
+    big = [tokenize_prompt_and_output(prompts, outputs, tok)]
+    small = [tokenize_prompt_and_output(prompts[i : i + 2], outputs[i : i + 2], tok) for i in (0, 2)]
+    a = train_step(model, opt_a, big, 1.0, normalization, grad_clip=0.0)
+    b = train_step(twin, opt_b, small, 1.0, normalization, grad_clip=0.0)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert a["nll_per_token"] == pytest.approx(b["nll_per_token"], rel=1e-6)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_non_finite_loss_raises_and_leaves_weights(model_and_batch):
+    model, tok, prompts, outputs = model_and_batch
+    opt = build_optimizer(model, 1e-2, 0.0)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NonFiniteLossError):
+        train_step(model, opt, [tokenize_prompt_and_output(prompts, outputs, tok)], 1e-2)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], equal_nan=True)
+
+
+def test_checkpoint_roundtrip_and_interrupted_save(model_and_batch, tmp_path, tiny_qwen_dir, monkeypatch):
+    model, tok, prompts, outputs = model_and_batch
+    opt = build_optimizer(model, 1e-2, 0.0)
+    mb = tokenize_prompt_and_output(prompts, outputs, tok)
+    train_step(model, opt, [mb], 1e-2)
+    first = save_checkpoint(tmp_path, 1, model, tok, opt, {"step": 1}, keep_last=2)
+    assert latest_checkpoint(tmp_path) == first
+    train_step(model, opt, [mb], 1e-2)
+
+    # a crash inside the save (here: writing trainer_state.pt) must leave step 1 as the usable latest
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 2, model, tok, opt, {"step": 2})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) == first
+    assert not (tmp_path / "step_000002").exists()
+
+    # restore step 1 into a fresh model: weights and optimizer state match what was saved
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    fresh_opt = build_optimizer(fresh, 1e-2, 0.0)
+    state = load_checkpoint(first, fresh, fresh_opt)
+    assert state == {"step": 1}
+    saved = AutoModelForCausalLM.from_pretrained(first, dtype=torch.float32)
+    for (n, p), q in zip(fresh.named_parameters(), saved.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0, msg=n)
+    assert fresh_opt.state_dict()["state"][0]["step"].item() == 1
+
+    # keep_last prunes older complete checkpoints
+    for s in (3, 4, 5):
+        save_checkpoint(tmp_path, s, model, tok, opt, {"step": s}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000004", "step_000005"]

@@ -1,0 +1,110 @@
+"""Reasoning-SFT records: load and validate, turn into (prompt, response) pairs, drop over-long ones, batch.
+
+A record is a JSON object with a problem (`problem` or `question`), a response (`reasoning_trace` or `response`)
+and a gold answer (`expected_answer`, `answer` or `ground_truth`). Files are JSON Lines or a JSON array.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from utils.helper_fns import load_records
+from utils.post_train import tokenize_prompt_and_output
+
+KEY_ALIASES = {
+    "problem": ("problem", "question"),
+    "response": ("reasoning_trace", "response"),
+    "expected_answer": ("expected_answer", "answer", "ground_truth"),
+}
+
+
+def load_reason_records(path: str | Path, require_response: bool = True) -> list[dict]:
+    """Load records with canonical keys `problem`, `expected_answer` and (when required) `response`.
+
+    Raises:
+        ValueError: naming `file:line` (or `file[index]`) and the missing key, for the first bad record.
+    """
+    needed = ["problem", "expected_answer"] + (["response"] if require_response else [])
+    out = []
+    for loc, rec in load_records(path):
+        row = {"source": loc}
+        for key in KEY_ALIASES:
+            alias = next((a for a in KEY_ALIASES[key] if a in rec), None)
+            if alias is None:
+                if key in needed:
+                    raise ValueError(f"{loc}: record has no {key!r} (accepted keys: {', '.join(KEY_ALIASES[key])})")
+                continue
+            row[key] = rec[alias]
+        out.append(row)
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def format_prompts(records: list[dict], template: str) -> list[str]:
+    """Fill the `{question}` slot of the template (e.g. r1_zero) with each problem."""
+    return [template.replace("{question}", r["problem"]) for r in records]
+
+
+def select_examples(records: list[dict], num_examples: int, seed: int) -> list[dict]:
+    """The first `num_examples` records after a seeded shuffle (-1 = all, shuffled), for dataset-size sweeps."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    if num_examples > len(records):
+        raise ValueError(f"--num-examples {num_examples} > {len(records)} records available")
+    if num_examples >= 0:
+        order = order[:num_examples]
+    return [records[i] for i in order]
+
+
+def drop_overlong(
+    prompts: list[str], responses: list[str], tokenizer, max_seq_len: int
+) -> tuple[list[int], list[int]]:
+    """Indices of pairs whose prompt+response fits `max_seq_len` tokens, and their lengths; over-long ones are dropped
+    (never truncated mid-answer). The caller reports `len(prompts) - len(kept)`."""
+    p_len = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    r_len = [len(x) for x in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    kept = [i for i in range(len(prompts)) if p_len[i] + r_len[i] <= max_seq_len]
+    return kept, [p_len[i] + r_len[i] for i in kept]
+
+
+class ExampleStream:
+    """An endless, seeded stream of example indices: epoch e is a permutation seeded by (seed, e).
+
+    Step k of a run uses stream positions [k * batch, (k + 1) * batch), so the data seen at any step depends only on
+    (seed, k): a resumed run sees exactly the batches the uninterrupted run would have.
+    """
+
+    def __init__(self, num_examples: int, seed: int):
+        if num_examples <= 0:
+            raise ValueError("no training examples left (all dropped or none given)")
+        self.n = num_examples
+        self.seed = seed
+        self._cache: dict[int, list[int]] = {}
+
+    def _epoch(self, e: int) -> list[int]:
+        if e not in self._cache:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + e).shuffle(order)
+            self._cache = {e: order}  # keep one epoch in memory
+        return self._cache[e]
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for pos in range(start, start + count):
+            out.append(self._epoch(pos // self.n)[pos % self.n])
+        return out
+
+
+def make_micro_batches(
+    prompts: list[str], responses: list[str], indices: list[int], micro_batch_size: int, tokenizer
+) -> list[dict[str, torch.Tensor]]:
+    """Split `indices` into padded micro-batches of `micro_batch_size` (the last may be smaller)."""
+    out = []
+    for s in range(0, len(indices), micro_batch_size):
+        idx = indices[s : s + micro_batch_size]
+        out.append(tokenize_prompt_and_output([prompts[i] for i in idx], [responses[i] for i in idx], tokenizer))
+    return out

@@ -1,0 +1,301 @@
+"""The one training step, learning-rate schedules, precision setup and checkpoints; both train scripts use these.
+
+A step = `len(micro_batches)` forward/backward passes accumulating into `.grad`, one clip, one optimizer update.
+Checkpoints are HF `save_pretrained` folders (vLLM loads them) plus `trainer_state.pt` (optimizer, RNG states,
+step); they are written to a temp folder and renamed, so a crash mid-save never leaves a half checkpoint as latest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from utils.post_train import LossNormalization, get_response_log_probs, masked_normalize, sft_microbatch_train_step
+
+PRECISIONS = ("auto", "fp32", "mixed", "bf16")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a step's loss or gradient norm is NaN/inf; the caller names the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------------------- precision
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` -> `mixed` on CUDA (fp32 master weights, bf16 autocast), `fp32` on CPU (bf16 matmuls are slow there)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {PRECISIONS}")
+    if precision == "auto":
+        return "mixed" if device.startswith("cuda") else "fp32"
+    return precision
+
+
+def model_dtype_for(precision: str) -> torch.dtype:
+    """Weights dtype: bf16 only for pure-bf16 training; fp32 master weights otherwise."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def autocast_context(precision: str, device: str):
+    """bf16 autocast for `mixed`; nothing otherwise (pure bf16 weights already compute in bf16)."""
+    if precision == "mixed":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------- schedules
+def lr_at_step(
+    step: int, base_lr: float, schedule: str, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0
+) -> float:
+    """Learning rate for optimizer step `step` (0-based).
+
+    Linear warmup from base_lr/warmup_steps to base_lr over the first `warmup_steps` steps, then:
+    `constant` stays at base_lr; `cosine` decays to `min_lr` at the last step (step = total_steps - 1), following
+    half a cosine; `linear` decays linearly to `min_lr` at the last step.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}: expected one of {SCHEDULES}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    if schedule == "cosine":
+        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr + (min_lr - base_lr) * progress
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    """AdamW over trainable parameters; fused on CUDA (one kernel for all parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    on_cuda = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=on_cuda or None)
+
+
+# ----------------------------------------------------------------------------------------------------------- the step
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    lr: float,
+    normalization: LossNormalization = "per_example",
+    normalize_constant: float = 1.0,
+    grad_clip: float = 1.0,
+    precision: str = "fp32",
+    chunk_size: int = 0,
+    step_response_tokens: float | None = None,
+) -> dict[str, float]:
+    """One optimizer step over `micro_batches` (gradient accumulation = their number).
+
+    Each micro-batch holds `input_ids`, `labels` (B, T) int64 and `response_mask` (B, T) bool, and optionally
+    `position_ids` / `attention_mask` passed to the model (packed rows). Loss normalization follows
+    `utils.post_train.sft_microbatch_train_step`; for `step_tokens` the denominator is the response-token count of
+    all micro-batches (or `step_response_tokens` when given, e.g. summed over data-parallel ranks).
+
+    Returns (floats): `loss` (the optimized objective), `nll_per_token` (mean -log p over response tokens, comparable
+    across normalizations), `grad_norm` (before clipping), `token_entropy` (mean over response tokens),
+    `response_tokens`, `tokens` (all input positions), `examples`, `lr`, `step_time_s`, `tokens_per_s`.
+
+    Raises:
+        NonFiniteLossError: the loss or gradient norm is NaN/inf; parameters are left un-updated.
+    """
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    ga = len(micro_batches)
+    if normalization == "step_tokens" and step_response_tokens is None:
+        step_response_tokens = float(sum(int(mb["response_mask"].sum()) for mb in micro_batches))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    loss_sum = nll_sum = ent_sum = 0.0
+    resp_tokens = tokens = examples = 0
+    for mb in micro_batches:
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        extra = {k: mb[k] for k in ("position_ids", "attention_mask") if k in mb}
+        with autocast_context(precision, device.type):
+            out = get_response_log_probs(
+                model, mb["input_ids"], mb["labels"], return_token_entropy=True, chunk_size=chunk_size, **extra
+            )
+        mask = mb["response_mask"]
+        loss, meta = sft_microbatch_train_step(
+            out["log_probs"],
+            mask,
+            ga,
+            normalize_constant=normalize_constant,
+            normalization=normalization,
+            step_response_tokens=step_response_tokens,
+        )
+        loss_sum += float(loss)
+        nll_sum += float(meta["nll_sum"])
+        ent_sum += float(masked_normalize(out["token_entropy"].detach(), mask))
+        resp_tokens += int(meta["response_tokens"])
+        tokens += mb["input_ids"].numel()
+        examples += mb["input_ids"].shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"non-finite loss {loss_sum} / grad norm {grad_norm}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    return {
+        "loss": loss_sum,
+        "nll_per_token": nll_sum / max(1, resp_tokens),
+        "grad_norm": grad_norm,
+        "token_entropy": ent_sum / max(1, resp_tokens),
+        "response_tokens": resp_tokens,
+        "tokens": tokens,
+        "examples": examples,
+        "lr": lr,
+        "step_time_s": dt,
+        "tokens_per_s": tokens / dt,
+    }
+
+
+@torch.no_grad()
+def teacher_forced_eval(
+    model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], precision: str = "fp32", chunk_size: int = 0
+) -> dict[str, float]:
+    """Mean -log p and entropy over response tokens of reference data (never the model's own samples)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll = ent = 0.0
+    n = 0
+    for mb in micro_batches:
+        mb = {k: v.to(device) for k, v in mb.items()}
+        extra = {k: mb[k] for k in ("position_ids", "attention_mask") if k in mb}
+        with autocast_context(precision, device.type):
+            out = get_response_log_probs(
+                model, mb["input_ids"], mb["labels"], return_token_entropy=True, chunk_size=chunk_size, **extra
+            )
+        nll -= float(masked_normalize(out["log_probs"], mb["response_mask"]))
+        ent += float(masked_normalize(out["token_entropy"], mb["response_mask"]))
+        n += int(mb["response_mask"].sum())
+    model.train(was_training)
+    return {"loss": nll / max(1, n), "token_entropy": ent / max(1, n), "response_tokens": n}
+
+
+# ----------------------------------------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying module of a `torch.compile`d model (its state-dict keys carry no `_orig_mod.`)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict,
+    keep_last: int = 2,
+) -> Path:
+    """Write `ckpt_root/step_XXXXXX/` atomically and point `ckpt_root/latest` at it; keep the newest `keep_last`.
+
+    The folder is a complete HF model + tokenizer (loadable by vLLM and `from_pretrained`) plus
+    `trainer_state.pt` with the optimizer state, RNG states and `trainer_state` (step, data position, ...).
+    """
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unwrap_model(model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "rng": rng_state(),
+            "trainer_state": trainer_state,
+        },
+        tmp / "trainer_state.pt",
+    )
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, root / "latest")
+    if keep_last > 0:
+        done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").exists())
+        for old in done[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint `latest` points to, or else the newest complete `step_*` folder; None if there is none."""
+    root = Path(ckpt_root)
+    pointer = root / "latest"
+    if pointer.exists():
+        cand = root / pointer.read_text().strip()
+        if (cand / "trainer_state.pt").exists():
+            return cand
+    done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load weights, optimizer state and RNG states from a checkpoint folder; returns its `trainer_state` dict."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights in checkpoint")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    target = unwrap_model(model)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(target.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if optimizer is not None and blob["optimizer"] is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    set_rng_state(blob["rng"])
+    return blob["trainer_state"]
