@@ -92,13 +92,18 @@ def train_step(
     precision: str = "fp32",
     chunk_size: int = 0,
     step_response_tokens: float | None = None,
+    dist_info=None,
 ) -> dict[str, float]:
     """One optimizer step over `micro_batches` (gradient accumulation = their number).
 
     Each micro-batch holds `input_ids`, `labels` (B, T) int64 and `response_mask` (B, T) bool, and optionally
     `position_ids` / `attention_mask` passed to the model (packed rows). Loss normalization follows
     `utils.post_train.sft_microbatch_train_step`; for `step_tokens` the denominator is the response-token count of
-    all micro-batches (or `step_response_tokens` when given, e.g. summed over data-parallel ranks).
+    all micro-batches (or `step_response_tokens` when given).
+
+    Data parallel (`dist_info` from `utils.distributed` with world_size > 1, model sharded with FSDP, which averages
+    gradients over ranks): `step_tokens` divides by the global token count / world size so the averaged gradient is
+    the global per-token mean, and the returned statistics are global (summed over ranks; `loss` is the objective).
 
     Returns (floats): `loss` (the optimized objective), `nll_per_token` (mean -log p over response tokens, comparable
     across normalizations), `grad_norm` (before clipping), `token_entropy` (mean over response tokens),
@@ -112,8 +117,13 @@ def train_step(
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     ga = len(micro_batches)
+    world = dist_info.world_size if dist_info is not None and dist_info.enabled else 1
     if normalization == "step_tokens" and step_response_tokens is None:
         step_response_tokens = float(sum(int(mb["response_mask"].sum()) for mb in micro_batches))
+        if world > 1:
+            from utils.distributed import all_reduce_sum
+
+            step_response_tokens = all_reduce_sum([step_response_tokens], dist_info)[0] / world
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
@@ -141,8 +151,17 @@ def train_step(
         resp_tokens += int(meta["response_tokens"])
         tokens += mb["input_ids"].numel()
         examples += mb["input_ids"].shape[0]
+    if world > 1:
+        from utils.distributed import all_reduce_sum
+
+        loss_sum, nll_sum, ent_sum, resp_tokens, tokens, examples = all_reduce_sum(
+            [loss_sum, nll_sum, ent_sum, resp_tokens, tokens, examples], dist_info
+        )
+        loss_sum /= world  # FSDP averages gradients, so the optimized objective is the mean of the ranks' losses
+        resp_tokens, tokens, examples = int(resp_tokens), int(tokens), int(examples)
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"non-finite loss {loss_sum} / grad norm {grad_norm}")
@@ -169,7 +188,11 @@ def train_step(
 def teacher_forced_eval(
     model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], precision: str = "fp32", chunk_size: int = 0
 ) -> dict[str, float]:
-    """Mean -log p and entropy over response tokens of reference data (never the model's own samples)."""
+    """Mean -log p and entropy over response tokens of reference data (never the model's own samples).
+
+    Returns `loss` and `token_entropy` (means) plus the sums `nll_sum`, `entropy_sum`, `response_tokens`, which
+    data-parallel callers add up over ranks before dividing.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -186,7 +209,47 @@ def teacher_forced_eval(
         ent += float(masked_normalize(out["token_entropy"], mb["response_mask"]))
         n += int(mb["response_mask"].sum())
     model.train(was_training)
-    return {"loss": nll / max(1, n), "token_entropy": ent / max(1, n), "response_tokens": n}
+    return {"loss": nll / max(1, n), "token_entropy": ent / max(1, n), "nll_sum": nll, "entropy_sum": ent,
+            "response_tokens": n}
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+def load_policy(
+    model_name: str, run_dir: Path, family: str, texts: list[str], dtype: torch.dtype, device: str, seed: int,
+    gradient_checkpointing: bool = False, build_model: bool = True,
+):
+    """The policy and tokenizer from a hub id or folder; `tiny` builds a fresh tiny model of `family` and a BPE
+    tokenizer trained on `texts` once, saved under `<run_dir>/base_model` (so vLLM and later evals can load it).
+
+    Returns (model or None when `build_model` is False, tokenizer, model_path). A tokenizer without a pad token gets
+    its eos as pad (padding never counts in the loss).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_path: str | Path = model_name
+    if model_name == "tiny":
+        from utils.tiny_models import build_tiny_model, save_model_and_tokenizer, train_tiny_tokenizer
+
+        model_path = Path(run_dir) / "base_model"
+        if not (model_path / "config.json").exists():
+            tok = train_tiny_tokenizer(texts, family=family, vocab_size=1000)
+            tiny = build_tiny_model(family, len(tok), hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                                    tie_word_embeddings=family == "qwen2", eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, seed=seed)
+            save_model_and_tokenizer(tiny, tok, model_path, family)
+            print(f"built a tiny {family} ({sum(p.numel() for p in tiny.parameters()) / 1e6:.2f}M parameters, "
+                  f"vocab {len(tok)}) in {model_path}")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"tokenizer has no pad token; padding with eos {tokenizer.eos_token!r} (never counted in the loss)")
+    model = None
+    if build_model:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+    return model, tokenizer, model_path
 
 
 # ----------------------------------------------------------------------------------------------------------- checkpoints
@@ -231,11 +294,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     trainer_state: dict,
     keep_last: int = 2,
+    state_dict: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write `ckpt_root/step_XXXXXX/` atomically and point `ckpt_root/latest` at it; keep the newest `keep_last`.
 
     The folder is a complete HF model + tokenizer (loadable by vLLM and `from_pretrained`) plus
     `trainer_state.pt` with the optimizer state, RNG states and `trainer_state` (step, data position, ...).
+    Under FSDP, rank 0 passes the consolidated `state_dict` and `optimizer_state` (see `utils.distributed`).
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -243,11 +309,13 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    unwrap_model(model).save_pretrained(tmp)
+    unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     torch.save(
         {
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer_state,
             "rng": rng_state(),
             "trainer_state": trainer_state,
         },
@@ -278,8 +346,13 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load weights, optimizer state and RNG states from a checkpoint folder; returns its `trainer_state` dict."""
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dist_info=None
+) -> dict:
+    """Load weights, optimizer state and RNG states from a checkpoint folder; returns its `trainer_state` dict.
+
+    With FSDP (`dist_info.enabled`) every rank reads the consolidated files and loads its shard.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -290,12 +363,19 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     for f in files:
         state.update(load_file(f))
     target = unwrap_model(model)
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(target.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if optimizer is not None and blob["optimizer"] is not None:
-        optimizer.load_state_dict(blob["optimizer"])
+    if dist_info is not None and dist_info.enabled:
+        from utils.distributed import load_full_state
+
+        if getattr(target.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]  # save_pretrained drops the tied copy
+        load_full_state(target, optimizer, state, blob["optimizer"])
+    else:
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(target.config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+        if optimizer is not None and blob["optimizer"] is not None:
+            optimizer.load_state_dict(blob["optimizer"])
     set_rng_state(blob["rng"])
     return blob["trainer_state"]

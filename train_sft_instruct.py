@@ -1,0 +1,247 @@
+"""Instruction SFT: full fine-tune on packed Alpaca-template documents, optionally with prompt masking, on one GPU or
+many (FSDP2 through torchrun).
+
+Reference run (Llama-3.1-8B base, ~200k examples, 512-token rows, 32 rows/step, 1 epoch ~6,700 steps):
+    torchrun --nproc_per_node 8 train_sft_instruct.py --micro-batch-size 4 --gradient-accumulation-steps 1 \
+        --run-name llama8b-sft [--mask-prompt] [--packing doc]
+CPU demo / smoke run (tiny Llama from scratch on the bundled sample):
+    python train_sft_instruct.py --preset demo
+
+Rows per optimizer step = micro-batch x accumulation x ranks. The loss is the mean over every counted token of the
+step (all ranks), the reference's per-token cross-entropy, invariant to how a step is split. Eval loss is on the
+reference test split (teacher-forced), never on the model's own samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+PRESETS = {
+    "demo": dict(
+        model="tiny",
+        train_file="data/sft-instruct/sample_train.jsonl",
+        test_file="data/sft-instruct/sample_test.jsonl",
+        seq_length=128,
+        micro_batch_size=4,
+        gradient_accumulation_steps=2,
+        lr=3e-3,
+        min_lr=3e-4,
+        epochs=-1,
+        max_steps=60,
+        eval_every=20,
+        run_name="instruct_demo",
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named set of defaults; flags still override")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="meta-llama/Llama-3.1-8B", help="HF hub id or folder; 'tiny' = a tiny Llama + BPE built from the training texts")
+    g.add_argument("--train-file", default="data/sft-instruct/train.jsonl", help="{prompt, response} JSON Lines (.gz ok)")
+    g.add_argument("--test-file", default="data/sft-instruct/test.jsonl", help="held-out split for the eval loss")
+    g.add_argument("--template", default="data/alpaca_sft.prompt", help="document template with {instruction} and {response}")
+    g.add_argument("--seq-length", type=int, default=512, help="tokens per packed row")
+    g.add_argument("--mask-prompt", action="store_true", help="no loss on prompt tokens (rows with no response token are dropped)")
+    g.add_argument("--packing", choices=["concat", "doc"], default="concat",
+                   help="concat = plain causal attention over the row (the reference); doc = attention and positions restart at each document")
+    g.add_argument("--cache-dir", default="", help="tokenization cache folder (default: next to the data file)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward per rank")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=8, help="micro-batches per optimizer step per rank")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=2e-6, help="final learning rate of the cosine decay")
+    g.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = no clipping)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the packed rows (-1 = use --max-steps)")
+    g.add_argument("--max-steps", type=int, default=-1, help="optimizer steps when --epochs is -1")
+    g.add_argument("--precision", choices=["auto", "fp32", "mixed", "bf16"], default="auto",
+                   help="auto = mixed on CUDA, fp32 on CPU; mixed = fp32 master weights + bf16 compute; bf16 = pure bf16 weights (AdamW updates below bf16 resolution round away)")
+    g.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk for the lm-head log-softmax (0 = plain)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-every", type=int, default=200, help="steps between test-loss evals (also at step 0 and the end; -1 = never)")
+    g.add_argument("--eval-max-rows", type=int, default=512, help="test rows per eval (-1 = all)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
+    g.add_argument("--output-dir", default="results", help="runs go to <output-dir>/<run-name>")
+    g.add_argument("--run-name", default="", help="default: instruct_<model>_<mask|nomask>_<timestamp>")
+    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    g.add_argument("--resume", action="store_true", help="continue <output-dir>/<run-name> from its latest checkpoint")
+    g.add_argument("--wandb-project", default="", help="mirror metrics to this wandb project (empty = local only)")
+    pre, _ = p.parse_known_args(argv)
+    if pre.preset:
+        p.set_defaults(**PRESETS[pre.preset])
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad flag combinations before any model loads."""
+    if args.epochs <= 0 and args.max_steps < 1:
+        raise SystemExit("--max-steps must be >= 1 when --epochs is -1")
+    if args.resume and not args.run_name:
+        raise SystemExit("--resume needs --run-name (the run folder to continue)")
+    if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.seq_length < 2:
+        raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1, --seq-length >= 2")
+    for flag in ("train_file", "test_file", "template"):
+        if not Path(getattr(args, flag)).exists():
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: file not found "
+                             "(download: python play-scripts/data-scripts/download_data.py --only sft-instruct)")
+
+
+def rows_to_batch(dataset, rows: list[int], packing: str) -> dict:
+    """Stack dataset rows into a micro-batch; `doc` packing adds per-document positions and a block-causal mask."""
+    import torch
+
+    from utils.instruct_dataset import IGNORE_INDEX
+    from utils.packing import document_causal_mask
+
+    items = [dataset[i] for i in rows]
+    labels = torch.stack([it["labels"] for it in items])
+    batch = {"input_ids": torch.stack([it["input_ids"] for it in items]), "labels": labels,
+             "response_mask": labels != IGNORE_INDEX}
+    if packing == "doc":
+        batch["position_ids"] = torch.stack([it["position_ids"] for it in items])
+        batch["attention_mask"] = document_causal_mask(torch.stack([it["document_ids"] for it in items]))
+    return batch
+
+
+def evaluate_loss(model, dataset, args, info, precision) -> dict:
+    """Teacher-forced loss on the test rows, split evenly over ranks (every rank runs the same number of forwards)."""
+    from utils.distributed import all_reduce_sum
+    from utils.training import teacher_forced_eval
+
+    n = len(dataset) if args.eval_max_rows < 0 else min(len(dataset), args.eval_max_rows)
+    n -= n % info.world_size
+    rows = list(range(info.rank, n, info.world_size))
+    batches = (rows_to_batch(dataset, rows[i : i + args.micro_batch_size], args.packing)
+               for i in range(0, len(rows), args.micro_batch_size))
+    out = teacher_forced_eval(model, batches, precision, args.chunk_size)
+    nll, ent, tokens = all_reduce_sum([out["nll_sum"], out["entropy_sum"], out["response_tokens"]], info)
+    return {"eval/test_loss": nll / max(1, tokens), "eval/test_token_entropy": ent / max(1, tokens), "eval/test_tokens": tokens}
+
+
+def main(args: argparse.Namespace) -> dict:
+    import torch
+
+    from utils import distributed as D
+    from utils.dataloader import ExampleStream
+    from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
+    from utils.instruct_dataset import PackedSFTDataset
+    from utils.metrics_logger import MetricsLogger, format_step_line
+    from utils.training import (NonFiniteLossError, build_optimizer, latest_checkpoint, load_checkpoint, load_policy,
+                                lr_at_step, model_dtype_for, resolve_precision, save_checkpoint, train_step)
+
+    check_args(args)
+    info = D.init_distributed(pick_device(args.device))
+    device = info.device
+    precision = resolve_precision(args.precision, device)
+    run_name = args.run_name or f"instruct_{Path(args.model).name}_{'mask' if args.mask_prompt else 'nomask'}_{time.strftime('%Y%m%d_%H%M%S')}"
+    run_dir = Path(args.output_dir) / run_name
+    if info.is_main:
+        check_writable_dir(run_dir, "--output-dir")
+    D.barrier(info)
+    ckpt_dir = run_dir / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        raise SystemExit(f"--resume: no complete checkpoint under {ckpt_dir}")
+    seed_everything(args.seed)
+    say = print if info.is_main else (lambda *a, **k: None)
+
+    # ---- model and data (rank 0 builds a tiny model first so other ranks load the same one)
+    texts = [r["prompt"] + "\n" + r["response"] for r in read_jsonl(args.train_file)] if args.model == "tiny" else []
+    if info.is_main:
+        load_policy(args.model, run_dir, "llama", texts, torch.float32, "cpu", args.seed, build_model=False)
+    D.barrier(info)
+    model, tokenizer, model_path = load_policy(args.model, run_dir, "llama", texts, model_dtype_for(precision), device,
+                                               args.seed, args.gradient_checkpointing)
+    template = load_prompt(args.template)
+    ds_kwargs = dict(seq_length=args.seq_length, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
+                     cache_dir=args.cache_dir or None)
+    train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, **ds_kwargs)
+    test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, **ds_kwargs)
+    rows_per_step = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
+    steps = math.ceil(args.epochs * len(train_ds) / rows_per_step) if args.epochs > 0 else args.max_steps
+    say(f"train: {train_ds.summary()}\ntest: {test_ds.summary()}")
+    say(f"rows/step = {args.micro_batch_size} x {args.gradient_accumulation_steps} x {info.world_size} ranks = "
+        f"{rows_per_step} ({rows_per_step * args.seq_length} tokens); {steps} steps; packing {args.packing}; "
+        f"precision {precision} on {device}")
+
+    if info.enabled:
+        D.shard_model(model, info, precision)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, model, optimizer, info)["step"]
+        say(f"resumed from {resume_from} at step {start_step}")
+    config = dict(vars(args), run_dir=str(run_dir), resolved_model=str(model_path), device=device, world_size=info.world_size,
+                  resolved_precision=precision, total_steps=steps, train_rows=len(train_ds), test_rows=len(test_ds))
+    logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None) if info.is_main else None
+    if logger is not None and resume_from is not None:
+        logger.truncate_after(start_step)
+    train_model = torch.compile(model) if args.compile else model
+
+    def log(metrics, step):
+        if logger is not None:
+            logger.log(metrics, step)
+
+    def run_eval(step):
+        m = evaluate_loss(train_model, test_ds, args, info, precision)
+        say(f"eval step {step:05d} | test loss {m['eval/test_loss']:.4f} | {int(m['eval/test_tokens'])} tokens", flush=True)
+        log(m, step)
+        return m
+
+    def save(step):
+        sd = D.full_model_state_dict(model, info)
+        osd = D.full_optimizer_state_dict(model, optimizer, info) if info.enabled else None
+        path = None
+        if info.is_main:
+            path = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last,
+                                   state_dict=sd, optimizer_state=osd)
+        D.barrier(info)
+        return path
+
+    history = []
+    if start_step == 0 and args.eval_every > 0:
+        history.append({"step": 0, **run_eval(0)})
+    stream = ExampleStream(len(train_ds), args.seed)
+    local_rows = args.micro_batch_size * args.gradient_accumulation_steps
+    last_good = resume_from
+    try:
+        for step in range(start_step + 1, steps + 1):
+            rows = stream.indices((step - 1) * rows_per_step, rows_per_step)[info.rank * local_rows : (info.rank + 1) * local_rows]
+            micro = [rows_to_batch(train_ds, rows[i : i + args.micro_batch_size], args.packing)
+                     for i in range(0, local_rows, args.micro_batch_size)]
+            lr = lr_at_step(step - 1, args.lr, args.lr_schedule, steps, int(args.warmup_ratio * steps), args.min_lr)
+            try:
+                stats = train_step(train_model, optimizer, micro, lr, "step_tokens", grad_clip=args.grad_clip,
+                                   precision=precision, chunk_size=args.chunk_size, dist_info=info)
+            except NonFiniteLossError as e:
+                raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none saved yet'}")
+            metrics = {f"train/{k}": v for k, v in stats.items()}
+            if device.startswith("cuda"):
+                metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            say(format_step_line(step, metrics), flush=True)
+            log(metrics, step)
+            if args.eval_every > 0 and (step % args.eval_every == 0 or step == steps):
+                history.append({"step": step, **run_eval(step)})
+            if step == steps or (args.save_every > 0 and step % args.save_every == 0):
+                last_good = save(step)
+    finally:
+        if logger is not None:
+            logger.close()
+        D.cleanup(info)
+    return {"run_dir": str(run_dir), "history": history, "final_step": steps}
+
+
+if __name__ == "__main__":
+    main(parse_args())
