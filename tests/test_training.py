@@ -122,3 +122,25 @@ def test_checkpoint_roundtrip_and_interrupted_save(model_and_batch, tmp_path, ti
     for s in (3, 4, 5):
         save_checkpoint(tmp_path, s, model, tok, opt, {"step": s}, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000004", "step_000005"]
+
+
+@pytest.mark.parametrize("normalization", ["per_example", "step_tokens", "constant"])
+def test_packed_step_equals_padded_step(model_and_batch, tiny_qwen_dir, normalization):
+    """Best-fit packed rows with document masks and step-level weights give the padded path's update exactly."""
+    from utils.dataloader import make_micro_batches, make_packed_micro_batches
+
+    model, tok, prompts, outputs = model_and_batch
+    twin = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    opt_a, opt_b = torch.optim.SGD(model.parameters(), lr=1.0), torch.optim.SGD(twin.parameters(), lr=1.0)
+    idx = [0, 1, 2, 3]
+    padded = make_micro_batches(prompts, outputs, idx, 2, tok)  # GA = 2 equal micro-batches
+    lengths = [len(tok(p + o)["input_ids"]) for p, o in zip(prompts, outputs)]
+    packed = make_packed_micro_batches(prompts, outputs, idx, tok, token_budget=sum(lengths) // 2 + 8,
+                                       normalization=normalization, normalize_constant=3.0)
+    assert len(packed) < len(idx) and any(int(r["attention_mask"][0, 0].sum()) < r["input_ids"].numel() ** 2 for r in packed)
+    a = train_step(model, opt_a, padded, 1.0, normalization, normalize_constant=3.0, grad_clip=0.0)
+    b = train_step(twin, opt_b, packed, 1.0, normalization, normalize_constant=3.0, grad_clip=0.0)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert b["nll_per_token"] == pytest.approx(a["nll_per_token"], rel=1e-5)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4, msg=n)

@@ -108,3 +108,46 @@ def make_micro_batches(
         idx = indices[s : s + micro_batch_size]
         out.append(tokenize_prompt_and_output([prompts[i] for i in idx], [responses[i] for i in idx], tokenizer))
     return out
+
+
+def make_packed_micro_batches(
+    prompts: list[str],
+    responses: list[str],
+    indices: list[int],
+    tokenizer,
+    token_budget: int,
+    normalization: str = "per_example",
+    normalize_constant: float = 1.0,
+) -> list[dict[str, torch.Tensor]]:
+    """Pack the step's examples into rows of at most `token_budget` tokens (best-fit decreasing), one row per
+    micro-batch, with per-document positions, a block-diagonal causal mask and per-token loss weights.
+
+    Padding-free packing changes speed, not the objective: the weights reproduce the padded path's normalization
+    over the whole step (see `utils.post_train.weighted_nll_train_step`), and attention never crosses examples.
+    """
+    from utils.packing import collate_packed, document_causal_mask, pack_best_fit_decreasing
+
+    examples = []
+    for i in indices:
+        one = tokenize_prompt_and_output([prompts[i]], [responses[i]], tokenizer)  # batch of 1: no padding
+        examples.append({k: v[0] for k, v in one.items()})
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    counts = torch.tensor([int(ex["response_mask"].sum()) for ex in examples], dtype=torch.float64)
+    n = len(examples)
+    if normalization == "per_example":
+        per_example_weight = 1.0 / (counts.clamp(min=1) * n)
+    elif normalization == "constant":
+        per_example_weight = torch.full((n,), 1.0 / (normalize_constant * n), dtype=torch.float64)
+    elif normalization == "step_tokens":
+        per_example_weight = torch.full((n,), 1.0 / max(1.0, float(counts.sum())), dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}")
+    out = []
+    for members in pack_best_fit_decreasing(lengths, token_budget):
+        row = collate_packed(examples, [members], tokenizer.pad_token_id)
+        ex_idx = row.pop("example_index")
+        weights = torch.where(ex_idx >= 0, per_example_weight[ex_idx.clamp(min=0)], 0.0).float()
+        row["loss_weights"] = weights
+        row["attention_mask"] = document_causal_mask(row.pop("document_ids"))
+        out.append(row)
+    return out

@@ -245,3 +245,29 @@ def sft_microbatch_train_step(
         "per_example_nll": (nll_per_example / token_counts.clamp(min=1)).detach(),
     }
     return loss.detach(), metadata
+
+
+def weighted_nll_train_step(
+    policy_log_probs: torch.Tensor, response_mask: torch.Tensor, loss_weights: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss = -sum(log_probs * weight) over response tokens, with per-token weights fixed for the whole step; backward.
+
+    Packed micro-batches hold a varying number of examples, so the three normalizations of
+    `sft_microbatch_train_step` are expressed as weights computed over the whole optimizer step (N = examples in
+    the step, n_e = response tokens of example e, T = response tokens of the step):
+    per_example w = 1 / (n_e * N); constant w = 1 / (normalize_constant * N); step_tokens w = 1 / T.
+    With equal-size padded micro-batches these give exactly the same gradient as `sft_microbatch_train_step`.
+
+    Args:
+        policy_log_probs: (B, T) float.
+        response_mask: (B, T) bool.
+        loss_weights: (B, T) float, the weight of each token's -log p (ignored where the mask is False).
+
+    Returns:
+        (loss, metadata) as `sft_microbatch_train_step`.
+    """
+    mask = response_mask.to(policy_log_probs.dtype)
+    nll = -(policy_log_probs * mask)
+    loss = (nll * loss_weights.to(nll.dtype)).sum()
+    loss.backward()
+    return loss.detach(), {"nll_sum": nll.sum().detach(), "response_tokens": mask.sum().detach()}

@@ -18,10 +18,12 @@ from typing import Iterable
 
 import torch
 
-from utils.post_train import LossNormalization, get_response_log_probs, masked_normalize, sft_microbatch_train_step
+from utils.post_train import (LossNormalization, get_response_log_probs, masked_normalize, sft_microbatch_train_step,
+                              weighted_nll_train_step)
 
 PRECISIONS = ("auto", "fp32", "mixed", "bf16")
 SCHEDULES = ("constant", "cosine", "linear")
+MODEL_INPUT_KEYS = ("position_ids", "attention_mask")  # micro-batch keys passed through to the model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,7 +99,9 @@ def train_step(
     """One optimizer step over `micro_batches` (gradient accumulation = their number).
 
     Each micro-batch holds `input_ids`, `labels` (B, T) int64 and `response_mask` (B, T) bool, and optionally
-    `position_ids` / `attention_mask` passed to the model (packed rows). Loss normalization follows
+    `position_ids` / `attention_mask` passed to the model (packed rows) and `loss_weights` (B, T) float: packed
+    micro-batches carry per-token weights fixed for the whole step (`utils.post_train.weighted_nll_train_step`),
+    which replace `normalization`. Loss normalization follows
     `utils.post_train.sft_microbatch_train_step`; for `step_tokens` the denominator is the response-token count of
     all micro-batches (or `step_response_tokens` when given).
 
@@ -131,20 +135,23 @@ def train_step(
     resp_tokens = tokens = examples = 0
     for mb in micro_batches:
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        extra = {k: mb[k] for k in ("position_ids", "attention_mask") if k in mb}
+        extra = {k: mb[k] for k in MODEL_INPUT_KEYS if k in mb}
         with autocast_context(precision, device.type):
             out = get_response_log_probs(
                 model, mb["input_ids"], mb["labels"], return_token_entropy=True, chunk_size=chunk_size, **extra
             )
         mask = mb["response_mask"]
-        loss, meta = sft_microbatch_train_step(
-            out["log_probs"],
-            mask,
-            ga,
-            normalize_constant=normalize_constant,
-            normalization=normalization,
-            step_response_tokens=step_response_tokens,
-        )
+        if "loss_weights" in mb:
+            loss, meta = weighted_nll_train_step(out["log_probs"], mask, mb["loss_weights"])
+        else:
+            loss, meta = sft_microbatch_train_step(
+                out["log_probs"],
+                mask,
+                ga,
+                normalize_constant=normalize_constant,
+                normalization=normalization,
+                step_response_tokens=step_response_tokens,
+            )
         loss_sum += float(loss)
         nll_sum += float(meta["nll_sum"])
         ent_sum += float(masked_normalize(out["token_entropy"].detach(), mask))
@@ -200,7 +207,7 @@ def teacher_forced_eval(
     n = 0
     for mb in micro_batches:
         mb = {k: v.to(device) for k, v in mb.items()}
-        extra = {k: mb[k] for k in ("position_ids", "attention_mask") if k in mb}
+        extra = {k: mb[k] for k in MODEL_INPUT_KEYS if k in mb}
         with autocast_context(precision, device.type):
             out = get_response_log_probs(
                 model, mb["input_ids"], mb["labels"], return_token_entropy=True, chunk_size=chunk_size, **extra
