@@ -55,9 +55,10 @@ def test_train_step_lowers_loss_and_changes_every_parameter(model_and_batch):
         assert not torch.equal(p, before[n]), f"{n} did not change"
 
 
+@pytest.mark.parametrize("split", [(0, 2, 4), (0, 3, 4)])
 @pytest.mark.parametrize("normalization", ["step_tokens", "per_example", "constant"])
-def test_gradient_accumulation_matches_one_big_batch(model_and_batch, tiny_qwen_dir, normalization):
-    """4 examples in one micro-batch == 2 micro-batches of 2 (GA=2), for every normalization.
+def test_gradient_accumulation_matches_one_big_batch(model_and_batch, tiny_qwen_dir, normalization, split):
+    """4 examples in one micro-batch == micro-batches of 2 + 2 or 3 + 1, for every normalization.
 
     SGD with lr 1 makes the update equal the gradient, so parameters compare gradients exactly (Adam's first step
     is ~lr * sign(g) and would amplify rounding where g ~ 0).
@@ -66,7 +67,7 @@ def test_gradient_accumulation_matches_one_big_batch(model_and_batch, tiny_qwen_
     twin = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
     opt_a, opt_b = torch.optim.SGD(model.parameters(), lr=1.0), torch.optim.SGD(twin.parameters(), lr=1.0)
     big = [tokenize_prompt_and_output(prompts, outputs, tok)]
-    small = [tokenize_prompt_and_output(prompts[i : i + 2], outputs[i : i + 2], tok) for i in (0, 2)]
+    small = [tokenize_prompt_and_output(prompts[i:j], outputs[i:j], tok) for i, j in zip(split, split[1:])]
     a = train_step(model, opt_a, big, 1.0, normalization, grad_clip=0.0)
     b = train_step(twin, opt_b, small, 1.0, normalization, grad_clip=0.0)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

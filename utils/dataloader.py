@@ -119,18 +119,40 @@ def make_packed_micro_batches(
     normalization: str = "per_example",
     normalize_constant: float = 1.0,
 ) -> list[dict[str, torch.Tensor]]:
-    """Pack the step's examples into rows of at most `token_budget` tokens (best-fit decreasing), one row per
-    micro-batch, with per-document positions, a block-diagonal causal mask and per-token loss weights.
-
-    Padding-free packing changes speed, not the objective: the weights reproduce the padded path's normalization
-    over the whole step (see `utils.post_train.weighted_nll_train_step`), and attention never crosses examples.
-    """
-    from utils.packing import collate_packed, document_causal_mask, pack_best_fit_decreasing
-
+    """Tokenize the step's examples one by one (no padding) and pack them with `pack_examples`."""
     examples = []
     for i in indices:
         one = tokenize_prompt_and_output([prompts[i]], [responses[i]], tokenizer)  # batch of 1: no padding
         examples.append({k: v[0] for k, v in one.items()})
+    return pack_examples(examples, token_budget, tokenizer.pad_token_id, normalization, normalize_constant)
+
+
+def pack_examples(
+    examples: list[dict[str, torch.Tensor]],
+    token_budget: int,
+    pad_id: int,
+    normalization: str = "per_example",
+    normalize_constant: float = 1.0,
+) -> list[dict[str, torch.Tensor]]:
+    """Pack one step's examples into rows of at most `token_budget` tokens (best-fit decreasing), one row per
+    micro-batch, with per-example positions, a block-diagonal causal mask and per-token loss weights.
+
+    Padding-free packing changes speed, not the objective: the weights reproduce the padded path's normalization
+    over the whole step (see `utils.post_train.weighted_nll_train_step`), and attention never crosses examples.
+
+    Args:
+        examples: dicts of 1-D `input_ids`, `labels`, `response_mask` (one unpadded row of
+            `tokenize_prompt_and_output` each).
+        token_budget: max tokens per row.
+        pad_id: padding id (rows are not padded: each row is its own micro-batch).
+        normalization, normalize_constant: as in `utils.post_train.sft_microbatch_train_step`.
+
+    Returns:
+        micro-batches of one row: `input_ids`, `labels`, `response_mask`, `position_ids` (1, T), `attention_mask`
+        (1, 1, T, T) bool, `loss_weights` (1, T) float32.
+    """
+    from utils.packing import collate_packed, document_causal_mask, pack_best_fit_decreasing
+
     lengths = [len(ex["input_ids"]) for ex in examples]
     counts = torch.tensor([int(ex["response_mask"].sum()) for ex in examples], dtype=torch.float64)
     n = len(examples)
@@ -144,10 +166,9 @@ def make_packed_micro_batches(
         raise ValueError(f"unknown normalization {normalization!r}")
     out = []
     for members in pack_best_fit_decreasing(lengths, token_budget):
-        row = collate_packed(examples, [members], tokenizer.pad_token_id)
+        row = collate_packed(examples, [members], pad_id)
         ex_idx = row.pop("example_index")
-        weights = torch.where(ex_idx >= 0, per_example_weight[ex_idx.clamp(min=0)], 0.0).float()
-        row["loss_weights"] = weights
+        row["loss_weights"] = torch.where(ex_idx >= 0, per_example_weight[ex_idx.clamp(min=0)], 0.0).float()
         row["attention_mask"] = document_causal_mask(row.pop("document_ids"))
         out.append(row)
     return out

@@ -120,7 +120,7 @@ def train_step(
         raise ValueError("train_step needs at least one micro-batch")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    ga = len(micro_batches)
+    n_step_examples = sum(mb["input_ids"].shape[0] for mb in micro_batches)
     world = dist_info.world_size if dist_info is not None and dist_info.enabled else 1
     if normalization == "step_tokens" and step_response_tokens is None:
         step_response_tokens = float(sum(int(mb["response_mask"].sum()) for mb in micro_batches))
@@ -144,10 +144,12 @@ def train_step(
         if "loss_weights" in mb:
             loss, meta = weighted_nll_train_step(out["log_probs"], mask, mb["loss_weights"])
         else:
+            # Dividing by N_step / B_i instead of GA keeps per-example and constant normalization exact when the
+            # micro-batches differ in size (equal to GA when they do not).
             loss, meta = sft_microbatch_train_step(
                 out["log_probs"],
                 mask,
-                ga,
+                n_step_examples / mb["input_ids"].shape[0],
                 normalize_constant=normalize_constant,
                 normalization=normalization,
                 step_response_tokens=step_response_tokens,
