@@ -167,8 +167,12 @@ def main(args: argparse.Namespace) -> dict:
     template = load_prompt(args.template)
     ds_kwargs = dict(seq_length=args.seq_length, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
                      cache_dir=args.cache_dir or None)
-    train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, **ds_kwargs)
-    test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, **ds_kwargs)
+    # Rank 0 tokenizes (and caches) first; the other ranks then read its cache instead of repeating the work.
+    for turn in ((True, False) if info.enabled else (True,)):
+        if info.is_main == turn:
+            train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, **ds_kwargs)
+            test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, **ds_kwargs)
+        D.barrier(info)
     rows_per_step = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
     steps = math.ceil(args.epochs * len(train_ds) / rows_per_step) if args.epochs > 0 else args.max_steps
     say(f"train: {train_ds.summary()}\ntest: {test_ds.summary()}")
