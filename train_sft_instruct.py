@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from utils.training import add_run_flags, parse_with_presets
+
 PRESETS = {
     "demo": dict(
         model="tiny",
@@ -71,17 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=200, help="steps between test-loss evals (also at step 0 and the end; -1 = never)")
     g.add_argument("--eval-max-rows", type=int, default=512, help="test rows per eval (-1 = all)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
-    g.add_argument("--output-dir", default="results", help="runs go to <output-dir>/<run-name>")
     g.add_argument("--run-name", default="", help="default: instruct_<model>_<mask|nomask>_<timestamp>")
-    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
-    g.add_argument("--resume", action="store_true", help="continue <output-dir>/<run-name> from its latest checkpoint")
-    g.add_argument("--wandb-project", default="", help="mirror metrics to this wandb project (empty = local only)")
-    pre, _ = p.parse_known_args(argv)
-    if pre.preset:
-        p.set_defaults(**PRESETS[pre.preset])
-    return p.parse_args(argv)
+    add_run_flags(g)
+    return parse_with_presets(p, PRESETS, argv)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -30,6 +30,25 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a step's loss or gradient norm is NaN/inf; the caller names the last good checkpoint."""
 
 
+# ----------------------------------------------------------------------------------------------------------- flags
+def add_run_flags(group) -> None:
+    """Flags both train scripts share: device, run folder, checkpoints, resume, wandb."""
+    group.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
+    group.add_argument("--output-dir", default="results", help="runs go to <output-dir>/<run-name>")
+    group.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    group.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    group.add_argument("--resume", action="store_true", help="continue <output-dir>/<run-name> from its latest checkpoint")
+    group.add_argument("--wandb-project", default="", help="mirror metrics to this wandb project (empty = local only)")
+
+
+def parse_with_presets(parser, presets: dict[str, dict], argv: list[str] | None):
+    """Parse `argv`; a `--preset NAME` first replaces the defaults with the preset's, so explicit flags still win."""
+    pre, _ = parser.parse_known_args(argv)
+    if getattr(pre, "preset", None):
+        parser.set_defaults(**presets[pre.preset])
+    return parser.parse_args(argv)
+
+
 # ----------------------------------------------------------------------------------------------------------- precision
 def resolve_precision(precision: str, device: str) -> str:
     """`auto` -> `mixed` on CUDA (fp32 master weights, bf16 autocast), `fp32` on CPU (bf16 matmuls are slow there)."""
