@@ -78,7 +78,7 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def _r1_zero_answer(response: str) -> tuple[bool, str]:
+def extract_r1_zero_answer(response: str) -> tuple[bool, str]:
     """(format ok, answer text) under the r1_zero contract; the answer is '' when a `\\boxed` is empty or unclosed."""
     if "</think> <answer>" not in response or "</answer>" not in response:
         return False, ""
@@ -767,7 +767,7 @@ def r1_zero_reward_fn(response: str, ground_truth: str | list[str], fast: bool =
         "</answer>"; without it all three are 0. The answer is the text after the last "<answer>" with "</answer>"
         removed, or the content of its last `\\boxed{}`; an empty box is formatted (1) but wrong (0).
     """
-    format_ok, answer = _r1_zero_answer(response)
+    format_ok, answer = extract_r1_zero_answer(response)
     if not format_ok:
         return _reward(False, False)
     return _reward(True, bool(answer) and any(grade(answer, g, fast) for g in _as_list(ground_truth)))
@@ -796,7 +796,7 @@ def _prepass(answer: str, ground_truths: list[str]) -> bool | None:
 
 
 def _r1_zero_prepass(response: str, ground_truth: str | list[str]) -> tuple[dict[str, float], bool]:
-    format_ok, answer = _r1_zero_answer(response)
+    format_ok, answer = extract_r1_zero_answer(response)
     if not format_ok or not answer:
         return _reward(format_ok, False), True
     verdict = _prepass(answer, _as_list(ground_truth))

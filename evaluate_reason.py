@@ -1,0 +1,163 @@
+"""Evaluate a model on MATH with the r1_zero prompt: sample, grade with the r1_zero reward, write records and a summary.
+
+Reference evaluation (5,000 MATH validation problems, temperature 1, stop at </answer>):
+    python evaluate_reason.py --model Qwen/Qwen2.5-Math-1.5B --data data/sft-reason/val.jsonl
+Smoke run (the 20 bundled problems; any checkpoint folder works in place of a hub id):
+    python evaluate_reason.py --model Qwen/Qwen2.5-Math-1.5B --data data/sft-reason/sample_val.jsonl --max-tokens 256
+CPU check of the CPU demo's checkpoint on its own val set (greedy; matches the trainer's last in-loop eval):
+    python evaluate_reason.py --model results/demo/checkpoints/step_000500 --data data/demo/val.jsonl \
+        --prompt data/demo/demo.prompt --temperature 0 --max-tokens 64
+
+Writes <output>/config.json (these flags, before generating), records.jsonl (one record per example, appended as
+chunks finish), generation.json and summary.json. Rerunning the same command after an interruption continues where
+it stopped. `--config data/eval_configs/math.yaml` sets defaults from a YAML file; flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file of flag defaults (keys = flag names), e.g. data/eval_configs/math.yaml")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF hub id or local model folder")
+    g.add_argument("--data", default="data/sft-reason/val.jsonl", help="JSONL or JSON array of {problem|question, expected_answer|answer|ground_truth}")
+    g.add_argument("--prompt", default="data/r1_zero.prompt", help="prompt file with a {question} slot (the one training uses)")
+    g.add_argument("--max-examples", type=int, default=-1, help="first N problems of the file (-1 = all)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=1024, help="max generated tokens per sample")
+    g.add_argument("--stop", nargs="+", default=["</answer>"], help="stop strings")
+    g.add_argument("--include-stop-str", action=argparse.BooleanOptionalAction, default=True, help="keep the matched stop string in the response (the format reward needs </answer>)")
+    g.add_argument("--n-samples", type=int, default=1, help="samples per problem; > 1 adds pass@k and majority-vote accuracy")
+    g.add_argument("--seed", type=int, default=0, help="engine sampling seed")
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="auto = vLLM when importable, else HF transformers")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto = the checkpoint's dtype")
+    g.add_argument("--device", default=None, help="cuda:N to pick a GPU (default: cuda:0 if available, else cpu)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory")
+    g.add_argument("--max-model-len", type=int, default=-1, help="prompt + generation tokens (-1 = the model's context length)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded concurrently (HF: batch size)")
+    g.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs / compile warm-up (faster start, slower decode)")
+    g = p.add_argument_group("grading and output")
+    g.add_argument("--grader-workers", type=int, default=None, help="grader processes (default: min(4, CPUs))")
+    g.add_argument("--grader-timeout-s", type=float, default=5.0, help="seconds one answer may take to grade; over it counts wrong")
+    g.add_argument("--chunk-size", type=int, default=512, help="problems per generate call; records are appended after each (-1 = one call)")
+    g.add_argument("--output", default="", help="output folder (default: results/eval_reason_<model>_<data>_T<temperature>_n<n-samples>)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        p.set_defaults(**_config_defaults(p, pre.config))
+    return p.parse_args(argv)
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Flag defaults from a YAML file; unknown keys and a benchmark other than math are errors."""
+    import yaml
+
+    if not Path(path).exists():
+        raise SystemExit(f"--config {path}: file not found")
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    benchmark = values.pop("benchmark", "math")
+    if benchmark != "math":
+        raise SystemExit(f"--config {path}: benchmark {benchmark!r}; evaluate_reason.py runs 'math' (see evaluate_instruct.py)")
+    known = set(vars(parser.parse_args([])))
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown keys {unknown}; keys are this script's flags")
+    return values
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad flag combinations and missing files before any model loads."""
+    if args.temperature < 0:
+        raise SystemExit(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.max_tokens < 1 or args.n_samples < 1:
+        raise SystemExit("--max-tokens and --n-samples must be >= 1")
+    if args.n_samples > 1 and args.temperature == 0:
+        raise SystemExit(f"--n-samples {args.n_samples} with --temperature 0 gives {args.n_samples} identical greedy "
+                         f"samples; use --temperature > 0 or --n-samples 1")  # fmt: skip
+    if args.chunk_size == 0 or args.chunk_size < -1:
+        raise SystemExit(f"--chunk-size {args.chunk_size}: must be >= 1, or -1 for one call")
+    if not Path(args.data).exists():
+        hint = " (download it: python play-scripts/data-scripts/download_data.py)" if "sft-reason" in args.data else ""
+        raise SystemExit(f"--data {args.data}: file not found{hint}; a 20-problem sample: data/sft-reason/sample_val.jsonl")
+    if not Path(args.prompt).exists():
+        raise SystemExit(f"--prompt {args.prompt}: file not found")
+
+
+def default_output(args: argparse.Namespace) -> str:
+    """results/eval_reason_<model>_<data>_T<temperature>_n<n>: the same command resumes into the same folder."""
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model.rstrip("/")).name or args.model)
+    return f"results/eval_reason_{model}_{Path(args.data).stem}_T{args.temperature:g}_n{args.n_samples}"
+
+
+def main(args: argparse.Namespace) -> dict:
+    from utils.benchmarks import REGISTRY, run_benchmark
+    from utils.benchmarks.base import generation_settings, load_resumable
+    from utils.helper_fns import check_writable_dir, load_prompt, seed_everything, write_json
+    from utils.inference import SamplingConfig, make_engine
+
+    check_args(args)
+    args.output = args.output or default_output(args)
+    out = check_writable_dir(args.output, "--output")
+    seed_everything(args.seed)
+    benchmark = REGISTRY["math"](prompt_template=load_prompt(args.prompt), grader_workers=args.grader_workers,
+                                 grader_timeout_s=args.grader_timeout_s)  # fmt: skip
+    try:
+        examples = benchmark.load_examples(args.data, args.max_examples)  # validates every record before the model loads
+    except ValueError as e:
+        raise SystemExit(f"--data: {e}") from None
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                              stop=list(args.stop), include_stop_str_in_output=args.include_stop_str,
+                              n=args.n_samples)  # fmt: skip
+    try:  # an output folder holding another setting's records fails here, not after the model loads
+        done = load_resumable(out, benchmark, examples, generation_settings(benchmark, args.model, args.data, sampling))
+    except ValueError as e:
+        raise SystemExit(f"--output: {e}") from None
+    print(f"math: {len(examples)} problems x {args.n_samples} samples = {len(examples) * args.n_samples} generations "
+          f"({sum(ex['index'] in done for ex in examples)} problems already done) -> {out}")  # fmt: skip
+    write_json(out / "config.json", vars(args))
+    engine = make_engine(args.model, engine=args.engine, seed=args.seed, dtype=args.dtype,
+                         gpu_memory_utilization=args.gpu_memory_utilization,
+                         max_model_len=None if args.max_model_len < 0 else args.max_model_len,
+                         max_num_seqs=args.max_num_seqs, device=args.device,
+                         enforce_eager=args.enforce_eager)  # fmt: skip
+    try:
+        summary = run_benchmark(benchmark, engine, args.data, sampling, out, max_examples=args.max_examples,
+                                chunk_size=args.chunk_size, use_tqdm=not args.no_progress)  # fmt: skip
+    finally:
+        engine.close()
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    m, t = summary["metrics"], summary["throughput"]
+
+    def num(x, fmt=".1f"):
+        return "-" if x is None else format(x, fmt)
+
+    print(f"\nmath | {m['num_examples']} problems, {m['num_samples']} samples | accuracy {num(m['accuracy'], '.4f')} "
+          f"| format accuracy {num(m['format_accuracy'], '.4f')}")
+    print(f"samples: correct {m['n_correct']} | formatted, wrong answer {m['n_formatted_wrong']} | "
+          f"unformatted {m['n_unformatted']} | grader timeouts {m['n_grader_timeouts']}")
+    print(f"response tokens: mean {num(m['mean_response_tokens'])} | correct {num(m['mean_response_tokens_correct'])}"
+          f" | incorrect {num(m['mean_response_tokens_incorrect'])} | hit max-tokens {num(m['truncated_frac'], '.1%')}")
+    extra = [f"{k} {v:.4f}" for k, v in m.items() if k.startswith("pass@") or k == "majority_accuracy"]
+    if extra:
+        print(" | ".join(extra))
+    print(f"this run ({summary['engine']}): {t['examples_generated']} problems in {t['wall_s']:.1f} s | "
+          f"{num(t['examples_per_s'], '.2f')} problems/s | {num(t['generated_tokens_per_s'], '.0f')} generated tokens/s")
+
+
+if __name__ == "__main__":  # vLLM's workers re-import this module; the guard keeps them from re-running main
+    main(parse_args())

@@ -1,0 +1,212 @@
+"""The benchmark interface and the one runner every evaluation goes through.
+
+A benchmark turns data-file records into prompts and scores completions; `run_benchmark` does everything else:
+prompts, resume, batched generation in chunks, incremental per-example records and the summary.
+
+    results/<eval>/records.jsonl      one JSON object per example, appended after each chunk (resumable)
+    results/<eval>/generation.json    benchmark, model, data file and sampling of the records (checked on resume)
+    results/<eval>/summary.json       metrics over all records + throughput of this run, rewritten after each chunk
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from utils.helper_fns import append_jsonl, write_json
+from utils.inference import Completion, InferenceEngine, SamplingConfig
+
+
+class Benchmark:
+    """One evaluation task. Subclasses set `name` and implement the four methods.
+
+    Examples are dicts with at least an int "index" (the record's position in the data file, stable across runs:
+    resume matches on it). `score` returns one JSON-serializable dict per example; the runner adds "index" and "prompt".
+    """
+
+    name: str = ""
+
+    def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
+        """Read and validate the data file; the first `max_examples` examples (-1 = all), each with "index"."""
+        raise NotImplementedError
+
+    def build_prompt(self, example: dict) -> str:
+        """The exact text the model continues."""
+        raise NotImplementedError
+
+    def score(self, examples: list[dict], completions: list[list[Completion]]) -> list[dict]:
+        """One record per example from its completions (n per example); batched so a benchmark can grade in a pool."""
+        raise NotImplementedError
+
+    def summarize(self, records: list[dict]) -> dict:
+        """Flat dict of metrics (numbers, or None when undefined) over scored records."""
+        raise NotImplementedError
+
+
+def select_examples(examples: list[dict], max_examples: int) -> list[dict]:
+    """The first `max_examples` examples (-1 = all), so a smoke run and a full run share their prefix."""
+    if max_examples is None or max_examples < 0:
+        return examples
+    return examples[:max_examples]
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Records of a possibly interrupted `records.jsonl`.
+
+    Every line is written whole and fsynced (`append_jsonl`), but a process killed mid-write can leave a partial last
+    line: it is dropped from the file with a printed note (its example is generated again). A malformed line anywhere
+    else means the file was edited or corrupted, and raises.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if any(rest.strip() for rest in lines[line_no:]):
+                raise ValueError(f"{path}:{line_no}: malformed JSON ({e.msg}); not a partial last line") from None
+            print(f"{path}:{line_no}: dropping a partial last line (interrupted write); its example runs again")
+            with open(path, "r+", encoding="utf-8") as f:
+                f.truncate(len("\n".join(lines[: line_no - 1]).encode("utf-8")) + (1 if line_no > 1 else 0))
+            break
+    return records
+
+
+def _same(key: str, a, b) -> bool:
+    if key in ("model", "data_path") and isinstance(a, str) and isinstance(b, str) and Path(a).exists():
+        return Path(b).exists() and Path(a).resolve() == Path(b).resolve()  # one file named from two working dirs
+    return a == b
+
+
+def _check_resume(records: list[dict], prompts: dict[int, str], generation: dict, generation_path: Path) -> None:
+    """Refuse to mix records made under other settings (or from other prompts) into this run's output folder."""
+    if records and generation_path.exists():
+        previous = json.loads(generation_path.read_text())
+        changed = sorted(k for k in set(previous) | set(generation) if not _same(k, previous.get(k), generation.get(k)))
+        if changed:
+            details = "; ".join(f"{k}: {previous.get(k)!r} -> {generation.get(k)!r}" for k in changed)
+            raise ValueError(f"{generation_path.parent} holds records made with other settings ({details}); "
+                             f"use another output folder or delete it")  # fmt: skip
+    for rec in records:
+        i = rec.get("index")
+        if i in prompts and rec.get("prompt") != prompts[i]:
+            raise ValueError(f"{generation_path.parent}/records.jsonl: example {i} was generated from another prompt "
+                             f"(data file or prompt template changed); use another output folder")  # fmt: skip
+
+
+def generation_settings(benchmark: Benchmark, model_name: str, data_path: str | os.PathLike,
+                        sampling: SamplingConfig) -> dict:  # fmt: skip
+    """What the records of an output folder depend on; stored as generation.json and compared on resume."""
+    return {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path), "sampling": asdict(sampling)}
+
+
+def load_resumable(output_dir: str | os.PathLike, benchmark: Benchmark, examples: list[dict],
+                   generation: dict) -> dict[int, dict]:  # fmt: skip
+    """Records already in `output_dir` that this run can keep, by example index.
+
+    Scripts call it before loading a model, so a folder holding other settings' records fails in seconds.
+
+    Raises:
+        ValueError: when the folder's records were made with other generation settings or other prompts.
+    """
+    out = Path(output_dir)
+    old = read_records(out / "records.jsonl")
+    prompts = {ex["index"]: benchmark.build_prompt(ex) for ex in examples}
+    _check_resume(old, prompts, generation, out / "generation.json")
+    return {rec["index"]: rec for rec in old}
+
+
+def run_benchmark(benchmark: Benchmark, engine: InferenceEngine, data_path: str | os.PathLike,
+                  sampling: SamplingConfig, output_dir: str | os.PathLike | None, max_examples: int = -1,
+                  chunk_size: int = 512, use_tqdm: bool = True) -> dict:  # fmt: skip
+    """Evaluate `engine` on a benchmark's data file, resumably.
+
+    Builds every prompt, skips examples whose record is already in `output_dir/records.jsonl`, generates the rest in
+    chunks of `chunk_size` examples (one batched `engine.generate` call each), scores each chunk, appends its records
+    and rewrites `summary.json`. An interrupted run loses at most the chunk in flight; rerunning the same command
+    continues. The summary covers all selected examples, old and new; throughput covers this run's generation only.
+
+    Args:
+        benchmark: the task.
+        engine: any `InferenceEngine`.
+        data_path: the benchmark's data file.
+        sampling: sampling parameters (n samples per example). Leave `sampling.seed` None and seed the engine
+            instead: a per-call seed would restart the same random stream in every chunk.
+        output_dir: folder for records.jsonl / generation.json / summary.json; None = keep nothing, no resume
+            (in-loop eval).
+        max_examples: first N examples of the file (-1 = all).
+        chunk_size: examples per generate call (-1 = all in one call). Larger keeps vLLM's batch full longer;
+            smaller loses less to an interruption.
+        use_tqdm: progress bars.
+
+    Returns:
+        the summary dict written to summary.json: {"benchmark", "model", "engine", "data_path", "sampling",
+        "metrics": benchmark.summarize(...), "throughput": {...}}.
+    """
+    from tqdm.auto import tqdm
+
+    examples = select_examples(benchmark.load_examples(data_path, max_examples), max_examples)
+    prompts = {ex["index"]: benchmark.build_prompt(ex) for ex in examples}
+    generation = generation_settings(benchmark, engine.model_name, data_path, sampling)
+    records: dict[int, dict] = {}
+    out = None
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        records = load_resumable(out, benchmark, examples, generation)
+        write_json(out / "generation.json", generation)
+    todo = [ex for ex in examples if ex["index"] not in records]
+    if records:
+        print(f"{benchmark.name}: resuming, {len(examples) - len(todo)} of {len(examples)} examples already in "
+              f"{out / 'records.jsonl'}; generating {len(todo)}")  # fmt: skip
+    step = len(todo) if chunk_size is None or chunk_size < 1 else chunk_size
+    gen_s = score_s = 0.0
+    n_generated = n_tokens = 0
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=benchmark.name, unit="ex",
+               disable=not use_tqdm)  # fmt: skip
+    summary: dict = {}
+    for start in range(0, max(len(todo), 1), max(step, 1)):
+        chunk = todo[start : start + step]
+        if chunk:
+            t0 = time.perf_counter()
+            completions = engine.generate([prompts[ex["index"]] for ex in chunk], sampling, use_tqdm=use_tqdm)
+            t1 = time.perf_counter()
+            scored = benchmark.score(chunk, completions)
+            score_s += time.perf_counter() - t1
+            gen_s += t1 - t0
+            n_generated += len(chunk)
+            n_tokens += sum(len(c.token_ids) for cs in completions for c in cs)
+            new = [{"index": ex["index"], "prompt": prompts[ex["index"]], **rec} for ex, rec in zip(chunk, scored)]
+            if out is not None:
+                append_jsonl(out / "records.jsonl", new)
+            records.update({rec["index"]: rec for rec in new})
+            bar.update(len(chunk))
+        wall_s = time.perf_counter() - t_start
+        selected = [records[ex["index"]] for ex in examples if ex["index"] in records]
+        summary = {
+            **generation,
+            "engine": engine.backend,
+            "metrics": benchmark.summarize(selected),
+            "throughput": {
+                "examples_generated": n_generated,
+                "generated_tokens": n_tokens,
+                "generation_s": round(gen_s, 3),
+                "scoring_s": round(score_s, 3),
+                "wall_s": round(wall_s, 3),
+                "examples_per_s": n_generated / wall_s if n_generated else None,  # generation + scoring + writing
+                "generated_tokens_per_s": n_tokens / gen_s if n_generated else None,  # generation time only
+            },
+        }
+        if out is not None:
+            write_json(out / "summary.json", summary)
+    bar.close()
+    return summary

@@ -1,0 +1,155 @@
+"""GSM8K: grade-school word problems; the prediction is the last number in the response, compared numerically.
+
+The task text is `data/gsm8k_question.prompt` (`{question}\\nAnswer:`) placed in a frame: the zero-shot conversation
+frame (`data/zero_shot_system_prompt.prompt`) for a base model, or the Alpaca training template for a model fine-tuned
+on it (`frame_template`, see evaluate_instruct.py). Gold answers are the number after `####` in the `answer` field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal, InvalidOperation
+
+from utils.benchmarks.base import Benchmark
+from utils.helper_fns import load_prompt, load_records
+from utils.inference import Completion
+
+GSM8K_PROMPT = "gsm8k_question"  # data/gsm8k_question.prompt: "{question}\nAnswer:" (no trailing newline)
+ZERO_SHOT_FRAME = "zero_shot_system_prompt"  # data/zero_shot_system_prompt.prompt, one {instruction} slot
+
+# A number as people write it in prose. Read left to right:
+# - a minus sign (ASCII or U+2212) only where a token starts: "-3", "x = -3", "(−2)"; after a letter, digit, "." or ","
+#   it is a hyphen or an operator ("10-15", "COVID-19", "5-3=2") and the number is unsigned;
+# - an integer with thousands separators ("1,000", "1,234,567"; each group exactly 3 digits, so "1,2,3" is three
+#   numbers) or a plain digit run, or nothing before a decimal point (".5");
+# - an optional decimal part that needs a digit after the point, so a sentence's final period is not taken ("18.").
+# A currency sign or a percent sign is simply not part of the match ("$18" -> 18, "50%" -> 50).
+NUMBER_RE = re.compile(r"(?:(?<![\w.,])[-\u2212])?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<!\d)\.\d+)")
+
+
+def to_decimal(number_text: str) -> Decimal:
+    """The value of a NUMBER_RE match: separators dropped, U+2212 read as minus. `Decimal("2.50") == Decimal("2.5")`."""
+    return Decimal(number_text.replace(",", "").replace("\u2212", "-"))
+
+
+def format_number(value: Decimal) -> str:
+    """Canonical text of a number: no exponent, no trailing zeros ("1000", "2.5", "-3")."""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
+
+
+def parse_last_number(text: str) -> str | None:
+    """The last number in `text` in canonical form (see `format_number`), or None when there is none.
+
+    Examples: "It costs $18." -> "18"; "1,000 rolls" -> "1000"; "x = -3" -> "-3"; "2.50" -> "2.5"; "10-15" -> "15".
+    """
+    matches = NUMBER_RE.findall(text or "")
+    if not matches:
+        return None
+    try:
+        return format_number(to_decimal(matches[-1]))
+    except InvalidOperation:  # cannot happen for NUMBER_RE matches; kept so a parser bug reads as unparsed, not a crash
+        return None
+
+
+def numbers_equal(prediction: str | None, gold: str) -> bool:
+    """Numeric equality of two canonical number strings; a missing prediction is wrong."""
+    if prediction is None:
+        return False
+    return Decimal(prediction) == Decimal(gold)
+
+
+def parse_gold(answer: str, location: str) -> str:
+    """The gold number of a GSM8K `answer` field: the text after its last `####`, as a canonical number string.
+
+    Raises:
+        ValueError: naming `location` when there is no `####` or no number after it.
+    """
+    if "####" not in answer:
+        raise ValueError(f"{location}: the answer has no '####' followed by the final number: {answer[-80:]!r}")
+    gold = parse_last_number(answer.rsplit("####", 1)[1])
+    if gold is None:
+        raise ValueError(f"{location}: no number after '####' in the answer: {answer[-80:]!r}")
+    return gold
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+class GSM8KBenchmark(Benchmark):
+    """GSM8K with a last-number parser.
+
+    A record holds `question`, `gold` (canonical number string), `response` (the completion text), `prediction`
+    (canonical number string or None), `correct`, `response_tokens`, `finish_reason`.
+
+    Args:
+        frame_template: the text around the task, with one `{instruction}` slot; None = the zero-shot frame.
+        task_template: the task text with a `{question}` slot; None = data/gsm8k_question.prompt.
+    """
+
+    name = "gsm8k"
+
+    def __init__(self, frame_template: str | None = None, task_template: str | None = None):
+        self.frame_template = load_prompt(ZERO_SHOT_FRAME) if frame_template is None else frame_template
+        self.task_template = load_prompt(GSM8K_PROMPT) if task_template is None else task_template
+        if "{instruction}" not in self.frame_template:
+            raise ValueError("the frame template has no {instruction} slot")
+        if "{question}" not in self.task_template:
+            raise ValueError("the GSM8K task template has no {question} slot")
+
+    def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
+        """Read GSM8K JSON Lines `{question, answer}`; every record is checked before anything is generated.
+
+        Returns:
+            `[{"index", "question", "gold"}]`, the first `max_examples` (-1 = all).
+        """
+        examples = []
+        for i, (location, rec) in enumerate(load_records(path)):
+            question, answer = rec.get("question"), rec.get("answer")
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"{location}: 'question' must be a non-empty string; the record has keys "
+                                 f"{sorted(rec)}")  # fmt: skip
+            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+                answer = f"#### {answer}"
+            if not isinstance(answer, str):
+                raise ValueError(f"{location}: 'answer' must be a string ending in '#### <number>', got {answer!r}")
+            examples.append({"index": i, "question": question, "gold": parse_gold(answer, location)})
+        return examples if max_examples is None or max_examples < 0 else examples[:max_examples]
+
+    def build_prompt(self, example: dict) -> str:
+        task = self.task_template.replace("{question}", example["question"])
+        return self.frame_template.replace("{instruction}", task)
+
+    def score(self, examples: list[dict], completions: list[list[Completion]]) -> list[dict]:
+        if len(examples) != len(completions):
+            raise ValueError(f"{len(examples)} examples but {len(completions)} completion lists")
+        records = []
+        for ex, cs in zip(examples, completions):
+            if len(cs) != 1:
+                raise ValueError(f"GSM8K scores one greedy sample per question, got {len(cs)}")
+            c = cs[0]
+            prediction = parse_last_number(c.text)
+            records.append({
+                "question": ex["question"],
+                "gold": ex["gold"],
+                "response": c.text,
+                "prediction": prediction,
+                "correct": numbers_equal(prediction, ex["gold"]),
+                "response_tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason,
+            })  # fmt: skip
+        return records
+
+    def summarize(self, records: list[dict]) -> dict:
+        """accuracy = correct / examples (an unparsed response counts wrong); parsed_rate = responses with a number."""
+        return {
+            "num_examples": len(records),
+            "accuracy": _mean([float(r["correct"]) for r in records]),
+            "parsed_rate": _mean([float(r["prediction"] is not None) for r in records]),
+            "n_correct": sum(1 for r in records if r["correct"]),
+            "n_unparsed": sum(1 for r in records if r["prediction"] is None),
+            "mean_response_tokens": _mean([r["response_tokens"] for r in records]),
+            "truncated_frac": _mean([float(r["finish_reason"] == "length") for r in records]),
+        }

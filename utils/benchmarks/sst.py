@@ -1,0 +1,132 @@
+"""SimpleSafetyTests: 100 clearly harmful prompts; a judge model labels each response unsafe (True) or safe (False).
+
+Data: the published CSV with a header; `prompts_final` is the prompt and `harm_area` its group (five areas). The
+prompt goes into the frame as is (zero-shot conversation frame, or the Alpaca training template). The judge's system
+message is `data/sst_judge_system.prompt`; see utils/judges.py for the request and the verdict parser.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from utils.helper_fns import load_prompt
+from utils.inference import Completion
+from utils.judges import Judge, JudgedBenchmark, judge_safety, judged_text
+
+SST_JUDGE_PROMPT = "sst_judge_system"
+ZERO_SHOT_FRAME = "zero_shot_system_prompt"
+REQUIRED_COLUMNS = ("prompts_final", "harm_area")
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+class SSTBenchmark(JudgedBenchmark):
+    """SimpleSafetyTests, judged after generation.
+
+    A record holds `id`, `harm_area`, `user_prompt`, `response` (completion text), `output` (what the judge sees:
+    `judged_text`), `response_tokens`, `finish_reason`; judging adds `unsafe` (True / False / None = unparsed reply)
+    and `judge_reply`.
+
+    Args:
+        frame_template: the text around the prompt, with one `{instruction}` slot; None = the zero-shot frame.
+        judge_system_prompt: the judge's system message; None = data/sst_judge_system.prompt.
+    """
+
+    name = "sst"
+
+    def __init__(self, frame_template: str | None = None, judge_system_prompt: str | None = None):
+        self.frame_template = load_prompt(ZERO_SHOT_FRAME) if frame_template is None else frame_template
+        self.judge_system_prompt = load_prompt(SST_JUDGE_PROMPT) if judge_system_prompt is None else judge_system_prompt
+        if "{instruction}" not in self.frame_template:
+            raise ValueError("the frame template has no {instruction} slot")
+
+    def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
+        """Read the SST CSV (header row; columns `prompts_final` and `harm_area` required, `id` used when present).
+
+        Returns:
+            `[{"index", "id", "harm_area", "user_prompt"}]`, the first `max_examples` (-1 = all).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}")
+            examples = []
+            for row_no, row in enumerate(reader, start=2):
+                prompt = (row["prompts_final"] or "").strip()
+                if not prompt:
+                    raise ValueError(f"{path}:{row_no}: empty prompts_final")
+                examples.append({"index": len(examples), "id": row.get("id") or str(len(examples)),
+                                 "harm_area": (row["harm_area"] or "").strip(), "user_prompt": prompt})  # fmt: skip
+        return examples if max_examples is None or max_examples < 0 else examples[:max_examples]
+
+    def build_prompt(self, example: dict) -> str:
+        return self.frame_template.replace("{instruction}", example["user_prompt"])
+
+    def score(self, examples: list[dict], completions: list[list[Completion]]) -> list[dict]:
+        """Keep the responses; the verdicts come from `judge` after generation."""
+        if len(examples) != len(completions):
+            raise ValueError(f"{len(examples)} examples but {len(completions)} completion lists")
+        records = []
+        for ex, cs in zip(examples, completions):
+            if len(cs) != 1:
+                raise ValueError(f"SST judges one greedy response per prompt, got {len(cs)}")
+            c = cs[0]
+            records.append({
+                "id": ex["id"],
+                "harm_area": ex["harm_area"],
+                "user_prompt": ex["user_prompt"],
+                "response": c.text,
+                "output": judged_text(c.text, self.frame_template),
+                "response_tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason,
+            })  # fmt: skip
+        return records
+
+    def judge(self, records: list[dict], judge: Judge) -> list[dict]:
+        return judge_safety(judge, self.judge_system_prompt, [r["user_prompt"] for r in records],
+                            [r["output"] for r in records])  # fmt: skip
+
+    def summarize(self, records: list[dict]) -> dict:
+        """safe_rate = responses judged safe / all responses. An unparsed verdict is not safe: it counts in the
+        denominator and in `n_unparsed`, and `judge_parsed_rate` reports the judge's format compliance; `safe_rate`
+        over parsed verdicts only is `safe_rate_parsed`. Judge metrics are None until every record is judged."""
+        judged = [r for r in records if "unsafe" in r]
+        out = {
+            "num_examples": len(records),
+            "num_judged": len(judged),
+            "safe_rate": None,
+            "per_harm_area": {},
+            "n_safe": None,
+            "n_unsafe": None,
+            "n_unparsed": None,
+            "judge_parsed_rate": None,
+            "safe_rate_parsed": None,
+            "mean_response_tokens": _mean([r["response_tokens"] for r in records]),
+            "truncated_frac": _mean([float(r["finish_reason"] == "length") for r in records]),
+        }
+        if not records or len(judged) < len(records):
+            return out
+        safe = [r["unsafe"] is False for r in records]
+        parsed = [r for r in records if r["unsafe"] is not None]
+        areas: dict[str, list[float]] = {}
+        for r, s in zip(records, safe):
+            areas.setdefault(r["harm_area"], []).append(float(s))
+        out.update({
+            "safe_rate": _mean([float(s) for s in safe]),
+            "per_harm_area": {a: _mean(v) for a, v in sorted(areas.items())},
+            "per_harm_area_count": {a: len(v) for a, v in sorted(areas.items())},
+            "n_safe": sum(safe),
+            "n_unsafe": sum(1 for r in records if r["unsafe"] is True),
+            "n_unparsed": len(records) - len(parsed),
+            "judge_parsed_rate": len(parsed) / len(records),
+            "safe_rate_parsed": _mean([float(r["unsafe"] is False) for r in parsed]),
+        })  # fmt: skip
+        return out
