@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> dict:
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
     from utils.metrics_logger import MetricsLogger, format_step_line
-    from utils.training import (NonFiniteLossError, build_optimizer, latest_checkpoint, load_checkpoint, load_policy,
+    from utils.training import (NonFiniteLossError, build_optimizer, gpu_step_metrics, latest_checkpoint, load_checkpoint, load_policy,
                                 lr_at_step, model_dtype_for, resolve_precision, save_checkpoint, train_step)
 
     check_args(args)
@@ -177,6 +177,7 @@ def main(args: argparse.Namespace) -> dict:
     if info.enabled:
         D.shard_model(model, info, precision)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    n_params = sum(p.numel() for p in model.parameters())
     start_step = 0
     if resume_from is not None:
         start_step = load_checkpoint(resume_from, model, optimizer, info)["step"]
@@ -226,8 +227,8 @@ def main(args: argparse.Namespace) -> dict:
             except NonFiniteLossError as e:
                 raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none saved yet'}")
             metrics = {f"train/{k}": v for k, v in stats.items()}
-            if device.startswith("cuda"):
-                metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if device.startswith("cuda"):  # MFU per GPU: global tokens/s over the ranks
+                metrics.update(gpu_step_metrics(n_params, stats["tokens_per_s"] / info.world_size, args.peak_tflops))
             say(format_step_line(step, metrics), flush=True)
             log(metrics, step)
             if args.eval_every > 0 and (step % args.eval_every == 0 or step == steps):

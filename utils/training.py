@@ -39,6 +39,16 @@ def add_run_flags(group) -> None:
     group.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     group.add_argument("--resume", action="store_true", help="continue <output-dir>/<run-name> from its latest checkpoint")
     group.add_argument("--wandb-project", default="", help="mirror metrics to this wandb project (empty = local only)")
+    group.add_argument("--peak-tflops", type=float, default=989.0,
+                       help="accelerator bf16 dense peak for MFU on CUDA (H100/H200 SXM: 989)")
+
+
+def gpu_step_metrics(n_params: int, tokens_per_s: float, peak_tflops: float) -> dict[str, float]:
+    """Peak memory and model FLOPs utilization (6 x parameters x tokens/s, attention excluded) on CUDA; {} on CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"train/peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "train/mfu": 6 * n_params * tokens_per_s / (peak_tflops * 1e12)}
 
 
 def parse_with_presets(parser, presets: dict[str, dict], argv: list[str] | None):

@@ -1,0 +1,111 @@
+"""train_sft_reason.py end to end on the demo data: learning, resume, faults."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_sft_reason as T
+
+
+def _rows(run_dir: Path, prefix: str) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if any(k.startswith(prefix) for k in r)}
+
+
+def _args(tmp_path, *extra):
+    return T.parse_args(["--preset", "demo", "--output-dir", str(tmp_path), "--eval-every", "-1", *extra])
+
+
+def test_short_run_learns_changes_every_parameter_and_logs_finite_numbers(tmp_path):
+    out = T.main(_args(tmp_path, "--run-name", "a", "--max-steps", "12", "--micro-batch-size", "16"))
+    run = Path(out["run_dir"])
+    train = _rows(run, "train/")
+    assert sorted(train) == list(range(1, 13))
+    for row in train.values():
+        assert all(math.isfinite(v) for k, v in row.items() if k.startswith("train/"))
+    assert train[12]["train/nll_per_token"] < 0.6 * train[1]["train/nll_per_token"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["total_steps"] == 12 and config["train_examples"] == 3000 and config["dropped_overlong"] == 0
+    from safetensors.torch import load_file
+
+    before, after = load_file(run / "base_model/model.safetensors"), load_file(run / "checkpoints/step_000012/model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        assert not torch.equal(before[name], after[name]), f"{name} did not change"
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path):
+    common = ["--max-steps", "6", "--save-every", "3", "--keep-last", "5", "--micro-batch-size", "4",
+              "--gradient-accumulation-steps", "2"]
+    full = Path(T.main(_args(tmp_path, "--run-name", "full", *common))["run_dir"])
+    broken = Path(T.main(_args(tmp_path, "--run-name", "broken", *common))["run_dir"])
+    shutil.rmtree(broken / "checkpoints" / "step_000006")  # as if killed right after the step-3 checkpoint
+    (broken / "checkpoints" / "latest").write_text("step_000003\n")
+    T.main(_args(tmp_path, "--run-name", "broken", "--resume", *common))
+    a, b = _rows(full, "train/"), _rows(broken, "train/")
+    assert sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], abs=1e-6)
+
+
+def test_packed_run_matches_padded_run(tmp_path):
+    common = ["--max-steps", "3", "--micro-batch-size", "4", "--gradient-accumulation-steps", "2"]
+    a = _rows(Path(T.main(_args(tmp_path, "--run-name", "pad", *common))["run_dir"]), "train/")
+    b = _rows(Path(T.main(_args(tmp_path, "--run-name", "pack", "--packing", "bfd", "--pack-tokens", "256",
+                                *common))["run_dir"]), "train/")
+    for step in (1, 2, 3):
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], abs=1e-5)
+        assert b[step]["train/tokens"] < a[step]["train/tokens"]  # no padding
+
+
+def test_overlong_examples_are_dropped_and_counted(tmp_path):
+    out = T.main(_args(tmp_path, "--run-name", "long", "--max-steps", "1", "--max-seq-len", "67"))
+    config = json.loads((Path(out["run_dir"]) / "config.json").read_text())
+    assert 0 < config["dropped_overlong"] < 3000
+    assert config["train_examples"] == 3000 - config["dropped_overlong"]
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1", "response": " 2 </think> <answer> 2 </answer>", "expected_answer": "2"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+        T.main(_args(tmp_path, "--train-file", str(bad)))
+    missing = tmp_path / "missing_key.jsonl"
+    missing.write_text('{"problem": "1+1", "expected_answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"missing_key.jsonl:1: record has no 'response'"):
+        T.main(_args(tmp_path, "--train-file", str(missing)))
+
+
+def test_unwritable_output_dir_fails_before_model_load(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="--output-dir"):
+        T.main(_args(blocker))
+
+
+def test_nan_loss_stops_and_names_last_good_checkpoint(tmp_path, monkeypatch):
+    import utils.training as training
+
+    real = training.train_step
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise training.NonFiniteLossError("non-finite loss nan / grad norm nan")
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_step", flaky)
+    with pytest.raises(SystemExit, match=r"step 3: non-finite .* Last good checkpoint: .*step_000002"):
+        T.main(_args(tmp_path, "--run-name", "nan", "--max-steps", "4", "--save-every", "2"))
+
+
+def test_flag_conflicts_are_rejected():
+    with pytest.raises(SystemExit, match="--resume needs --run-name"):
+        T.check_args(T.parse_args(["--preset", "demo", "--resume", "--run-name", ""]))
+    with pytest.raises(SystemExit, match="--pack-tokens"):
+        T.check_args(T.parse_args(["--preset", "demo", "--packing", "bfd", "--pack-tokens", "64"]))

@@ -1,0 +1,214 @@
+"""Reasoning SFT: fine-tune a causal LM on r1_zero-format reasoning traces, validating in-loop by sampling and grading.
+
+Reference run (Qwen2.5-Math-1.5B on 3,496 correct MATH traces, 38 steps of 128; published 0.520 val accuracy):
+    python train_sft_reason.py --train-file data/sft-reason/sft_gpt-oss-120b_filtered.jsonl \
+        --val-file data/sft-reason/val.jsonl --run-name qwen-math-filtered
+CPU demo (tiny model trained from scratch on bundled two-digit addition; a few minutes on 2 cores):
+    python train_sft_reason.py --preset demo
+Smoke run of the real pipeline on the demo data:
+    python train_sft_reason.py --preset demo --max-steps 20 --eval-every 10 --run-name smoke
+
+Each run writes results/<run>/config.json (before step 0), metrics.jsonl (train/* per step, eval/* per eval),
+samples/step_XXXXX.jsonl (fixed example generations) and checkpoints/step_XXXXXX (HF folders vLLM loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from utils.training import add_run_flags, parse_with_presets
+
+PRESETS = {
+    # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
+    # train through on CPU), greedy validation, one-cycle-like schedule. Measured on 2 CPU cores: see README.
+    "demo": dict(
+        model="tiny",
+        train_file="data/demo/train.jsonl",
+        val_file="data/demo/val.jsonl",
+        prompt_template="data/demo/demo.prompt",
+        micro_batch_size=32,
+        gradient_accumulation_steps=1,
+        lr=3e-3,
+        lr_schedule="cosine",
+        warmup_ratio=0.05,
+        max_steps=500,
+        eval_every=100,
+        val_size=200,
+        temperature=0.0,
+        max_tokens=64,
+        max_seq_len=128,
+        save_every=-1,
+        run_name="demo",
+        gpu_memory_utilization=0.3,
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named set of defaults; flags still override")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF hub id or local folder; 'tiny' = build a tiny Qwen2 + BPE tokenizer from the training texts")
+    g.add_argument("--train-file", default="data/sft-reason/sft_gpt-oss-120b_filtered.jsonl", help="JSONL or JSON array of {problem, reasoning_trace|response, expected_answer}")
+    g.add_argument("--val-file", default="data/sft-reason/val.jsonl", help="JSONL or JSON array of {problem, expected_answer}")
+    g.add_argument("--prompt-template", default="data/r1_zero.prompt", help="prompt file with a {question} slot")
+    g.add_argument("--num-examples", type=int, default=-1, help="first N training records after a seeded shuffle (-1 = all)")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="drop (and count) examples whose prompt+response exceed this many tokens")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--micro-batch-size", type=int, default=2, help="examples per forward/backward")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=64, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warmup")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr for cosine and linear")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = no clipping)")
+    g.add_argument("--max-steps", type=int, default=38, help="optimizer steps (ignored when --epochs > 0)")
+    g.add_argument("--epochs", type=float, default=-1, help="train for this many passes over the data (-1 = use --max-steps)")
+    g.add_argument("--loss-normalization", choices=["per_example", "constant", "step_tokens"], default="per_example",
+                   help="per_example: mean over each example's response tokens (the reference's best runs); constant: sum / --normalize-constant; step_tokens: mean over all response tokens of the step")
+    g.add_argument("--normalize-constant", type=float, default=1.0, help="divisor for --loss-normalization constant")
+    g.add_argument("--precision", choices=["auto", "fp32", "mixed", "bf16"], default="auto",
+                   help="auto = mixed on CUDA, fp32 on CPU; mixed = fp32 master weights + bf16 autocast; bf16 = pure bf16 weights as the reference run did (AdamW updates smaller than bf16 resolution round away)")
+    g.add_argument("--packing", choices=["none", "bfd"], default="none",
+                   help="none = padded micro-batches of --micro-batch-size (the reference); bfd = each step's examples best-fit packed into rows of --pack-tokens with attention and positions restarting per example (same objective, no padding; --micro-batch-size/--gradient-accumulation-steps then only set examples/step)")
+    g.add_argument("--pack-tokens", type=int, default=4096, help="token budget of a packed row (>= --max-seq-len)")
+    g.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk for the lm-head log-softmax (0 = plain; >0 avoids B x T x V fp32 logits)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g = p.add_argument_group("validation")
+    g.add_argument("--eval-every", type=int, default=10, help="steps between evals (also before step 1 and after the last; -1 = never)")
+    g.add_argument("--val-size", type=int, default=1000, help="fixed random subset of the val file (-1 = all)")
+    g.add_argument("--val-seed", type=int, default=0, help="seed of the val subset")
+    g.add_argument("--num-samples-logged", type=int, default=20, help="fixed val examples whose generations are saved per eval")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=1024, help="max generated tokens per answer")
+    g.add_argument("--stop", default="</answer>", help="stop string, kept in the output")
+    g.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="generation backend (auto = vLLM when installed)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of GPU memory when colocated")
+    g.add_argument("--vllm-device", default=None, help="put vLLM on another device, e.g. cuda:1 (default: same as policy)")
+    g.add_argument("--grader-workers", type=int, default=2)
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--run-name", default="", help="default: reason_<model>_<n>ex_<timestamp>")
+    add_run_flags(g)
+    return parse_with_presets(p, PRESETS, argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad flag combinations before any model loads."""
+    if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1")
+    if args.epochs <= 0 and args.max_steps < 1:
+        raise SystemExit("--max-steps must be >= 1 when --epochs is not set")
+    if args.resume and not args.run_name:
+        raise SystemExit("--resume needs --run-name (the run folder to continue)")
+    if args.packing == "bfd" and args.pack_tokens < args.max_seq_len:
+        raise SystemExit(f"--pack-tokens {args.pack_tokens} < --max-seq-len {args.max_seq_len}: a kept example would not fit a row")
+    if args.loss_normalization != "constant" and args.normalize_constant != 1.0:
+        raise SystemExit("--normalize-constant only applies with --loss-normalization constant")
+    for f in ("train_file", "val_file", "prompt_template"):
+        if not Path(getattr(args, f)).exists():
+            hint = " (download it: python play-scripts/data-scripts/download_data.py)" if "sft-reason" in getattr(args, f) else ""
+            raise SystemExit(f"--{f.replace('_', '-')} {getattr(args, f)}: file not found{hint}")
+
+
+def main(args: argparse.Namespace) -> dict:
+    import torch
+
+    from utils.dataloader import (ExampleStream, drop_overlong, format_prompts, load_reason_records, make_micro_batches,
+                                  make_packed_micro_batches, select_examples)
+    from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
+    from utils.metrics_logger import MetricsLogger, format_step_line
+    from utils.reason_validation import ReasonValidator
+    from utils.training import (NonFiniteLossError, build_optimizer, gpu_step_metrics, latest_checkpoint, load_checkpoint, load_policy, lr_at_step,
+                                model_dtype_for, resolve_precision, save_checkpoint, train_step)
+
+    check_args(args)
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    run_name = args.run_name or f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
+    run_dir = check_writable_dir(Path(args.output_dir) / run_name, "--output-dir")
+    ckpt_dir = run_dir / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        raise SystemExit(f"--resume: no complete checkpoint under {ckpt_dir}")
+    seed_everything(args.seed)
+
+    # ---- data
+    template = load_prompt(args.prompt_template)
+    train_records = select_examples(load_reason_records(args.train_file), args.num_examples, args.seed)
+    val_records = load_reason_records(args.val_file, require_response=False)
+    prompts, responses = format_prompts(train_records, template), [r["response"] for r in train_records]
+
+    # ---- model
+    model, tokenizer, model_path = load_policy(args.model, run_dir, "qwen2", prompts + responses, model_dtype_for(precision),
+                                               device, args.seed, args.gradient_checkpointing)
+    kept, lengths = drop_overlong(prompts, responses, tokenizer, args.max_seq_len)
+    n_dropped = len(prompts) - len(kept)
+    prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
+    batch = args.micro_batch_size * args.gradient_accumulation_steps
+    steps = math.ceil(args.epochs * len(prompts) / batch) if args.epochs > 0 else args.max_steps
+    print(f"data: {len(prompts)} training examples ({n_dropped} dropped: longer than --max-seq-len {args.max_seq_len}), "
+          f"mean {sum(lengths) / max(1, len(lengths)):.0f} tokens; {len(val_records)} val records")
+    print(f"examples/step = {args.micro_batch_size} x {args.gradient_accumulation_steps} = {batch}; {steps} steps "
+          f"= {steps * batch / max(1, len(prompts)):.2f} epochs; precision {precision} on {device}")
+
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, model, optimizer)["step"]
+        print(f"resumed from {resume_from} at step {start_step}")
+    config = dict(vars(args), run_dir=str(run_dir), resolved_model=str(model_path), device=device,
+                  resolved_precision=precision, total_steps=steps, train_examples=len(prompts), dropped_overlong=n_dropped)
+    logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None)
+    if resume_from is not None:
+        logger.truncate_after(start_step)
+    train_model = torch.compile(model) if args.compile else model
+
+    validator = ReasonValidator(args, model, tokenizer, val_records, template, run_dir, device, precision)
+    if start_step == 0 and args.eval_every > 0:
+        validator.run(0, logger)
+
+    stream = ExampleStream(len(prompts), args.seed)
+    warmup = int(args.warmup_ratio * steps)
+    last_good = resume_from
+    try:
+        for step in range(start_step + 1, steps + 1):
+            idx = stream.indices((step - 1) * batch, batch)
+            if args.packing == "bfd":
+                micro = make_packed_micro_batches(prompts, responses, idx, tokenizer, args.pack_tokens,
+                                                  args.loss_normalization, args.normalize_constant)
+            else:
+                micro = make_micro_batches(prompts, responses, idx, args.micro_batch_size, tokenizer)
+            lr = lr_at_step(step - 1, args.lr, args.lr_schedule, steps, warmup, args.lr * args.min_lr_ratio)
+            try:
+                stats = train_step(train_model, optimizer, micro, lr, args.loss_normalization, args.normalize_constant,
+                                   args.grad_clip, precision, args.chunk_size)
+            except NonFiniteLossError as e:
+                raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none (no checkpoint saved yet)'}")
+            metrics = {f"train/{k}": v for k, v in stats.items()}
+            if device.startswith("cuda"):
+                metrics.update(gpu_step_metrics(n_params, stats["tokens_per_s"], args.peak_tflops))
+            print(format_step_line(step, metrics), flush=True)
+            logger.log(metrics, step)
+            if args.eval_every > 0 and (step % args.eval_every == 0 or step == steps):
+                validator.run(step, logger)
+            if step == steps or (args.save_every > 0 and step % args.save_every == 0):
+                last_good = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last)
+    finally:
+        validator.close()
+        logger.close()
+    validator.print_table()
+    return {"run_dir": str(run_dir), "history": validator.history, "final_step": steps}
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(parse_args()) else 1)
