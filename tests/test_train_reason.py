@@ -109,3 +109,16 @@ def test_flag_conflicts_are_rejected():
         T.check_args(T.parse_args(["--preset", "demo", "--resume", "--run-name", ""]))
     with pytest.raises(SystemExit, match="--pack-tokens"):
         T.check_args(T.parse_args(["--preset", "demo", "--packing", "bfd", "--pack-tokens", "64"]))
+
+
+def test_demo_preset_learns_addition_with_in_loop_validation(tmp_path):
+    """The README's main job with fewer evals: accuracy goes from 0 to most problems, graded in-loop via the engine."""
+    out = T.main(T.parse_args(["--preset", "demo", "--output-dir", str(tmp_path), "--eval-every", "500",
+                               "--val-size", "100"]))
+    history = {h["step"]: h for h in out["history"]}
+    assert sorted(history) == [0, 500]
+    assert history[0]["accuracy"] < 0.05
+    assert history[500]["accuracy"] >= 0.5 and history[500]["format_accuracy"] >= 0.9
+    assert history[500]["teacher_forced_loss"] < 0.5 * history[0]["teacher_forced_loss"]
+    samples = [json.loads(x) for x in (Path(out["run_dir"]) / "samples" / "step_00500.jsonl").read_text().splitlines()]
+    assert len(samples) == 20 and all(s["response"].rstrip().endswith("</answer>") for s in samples)
