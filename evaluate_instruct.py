@@ -1,0 +1,347 @@
+"""Evaluate a base or fine-tuned model on GSM8K, MMLU, SimpleSafetyTests and AlpacaEval (greedy decoding).
+
+Reference evaluation of the base model in the zero-shot frame, all four benchmarks, judged by a vLLM server:
+    python evaluate_instruct.py --all --model meta-llama/Llama-3.1-8B --output-dir results/llama-sft/eval/base \\
+        --judge-base-url http://127.0.0.1:8000/v1 --judge-model meta-llama/Llama-3.3-70B-Instruct
+A fine-tuned checkpoint, scored in the Alpaca template it was trained on (output: results/llama-sft/eval/step_006300):
+    python evaluate_instruct.py --all --model results/llama-sft/checkpoints/step_006300 --prompt-format alpaca
+Smoke run on the bundled samples (any machine; SST and AlpacaEval need a judge endpoint):
+    python evaluate_instruct.py --config data/eval_configs/gsm8k.yaml data/eval_configs/mmlu.yaml --sample-data \\
+        --model results/demo/checkpoints/step_000400 --max-tokens 32 --output-dir results/eval_instruct_smoke
+
+Each benchmark has a YAML file in data/eval_configs/ (keys = this script's flags); flags given on the command line
+override every selected config. Results go to <output-dir>/<benchmark>/: config.json (settings, written before
+generating), records.jsonl (one record per example, appended as chunks finish), generation.json, summary.json
+(`metrics` holds the numbers) and, for judged benchmarks, judgments.jsonl, judge_cache.jsonl and for AlpacaEval
+model_outputs.json. Rerunning the same command continues an interrupted run; judged benchmarks generate first and
+are judged afterwards, so an unreachable judge fails (naming its URL) only once the outputs are saved, and the rerun
+only judges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ALL_CONFIGS = [f"data/eval_configs/{b}.yaml" for b in ("gsm8k", "mmlu", "sst", "alpaca_eval")]
+JUDGED = ("sst", "alpaca_eval")
+# The eval files are download_data.py's `eval` subset (its `sft-instruct` subset is the training data only).
+DOWNLOAD_COMMAND = "python play-scripts/data-scripts/download_data.py --only eval"
+EVAL_DATA_DIR = "data/sft-instruct/eval"
+# Where a downloaded file of each benchmark may sit when the config's path does not match the published layout (not
+# visible offline when this was written); only used to name candidates in the missing-file message, never silently.
+DATA_GLOBS = {"gsm8k": "**/*gsm8k*test*.jsonl", "mmlu": "**/*_test.csv", "sst": "**/*safety*.csv",
+              "alpaca_eval": "**/*alpaca_eval*.json*"}  # fmt: skip
+# Prompt formats: the frame file and the stop strings used when the config leaves `stop` empty. The zero-shot frame
+# is the reference evaluation's (the model answers under "# Answer:" and would go on with another "# Query:"); the
+# Alpaca template is the SFT training format (the response follows "### Response:\n"; a model that was not trained to
+# stop with EOS goes on with another "### Instruction:").
+PROMPT_FORMATS = {
+    "zero_shot": ("data/zero_shot_system_prompt.prompt", ["# Query:"]),
+    "alpaca": ("data/alpaca_sft.prompt", ["### Instruction:"]),
+}
+ENGINE_KEYS = ("engine", "dtype", "device", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "enforce_eager",
+               "seed")  # fmt: skip
+PER_BENCHMARK_KEYS = ("data", "task_prompt", "judge_prompt")  # meaningless across several configs
+
+
+def _build_parser(suppress: bool) -> argparse.ArgumentParser:
+    """The flags; with `suppress`, no defaults, so parsing returns only the flags actually given."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", nargs="+", help="YAML file(s) in data/eval_configs/, one per benchmark")
+    p.add_argument("--all", action="store_true", help=f"run {', '.join(ALL_CONFIGS)}")
+    p.add_argument("--model", required=True, help="HF hub id or local model / checkpoint folder")
+    g = p.add_argument_group("data and prompts")
+    g.add_argument("--data", help="the benchmark's data file (MMLU: folder of <subject>_test.csv); default: the config's")
+    g.add_argument("--sample-data", dest="use_sample_data", action="store_true", help="use the config's bundled `sample_data` file instead of `data` (smoke runs)")
+    g.add_argument("--max-examples", type=int, default=-1, help="first N examples (-1 = all)")
+    g.add_argument("--prompt-format", choices=list(PROMPT_FORMATS), default="zero_shot", help="zero_shot = the reference frame (base models); alpaca = the SFT training template")
+    g.add_argument("--frame-prompt", default=None, help="frame file with an {instruction} slot (None = the prompt format's)")
+    g.add_argument("--task-prompt", default=None, help="task text file (GSM8K {question}; MMLU {subject} {question} {options[i]}); None = the benchmark's")
+    g.add_argument("--judge-prompt", default=None, help="SST judge system prompt file (None = data/sst_judge_system.prompt)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=512, help="max generated tokens per response")
+    g.add_argument("--stop", nargs="+", default=None, help="stop strings (default: the prompt format's)")
+    g.add_argument("--include-stop-str", action=argparse.BooleanOptionalAction, default=False, help="keep the matched stop string in the response")
+    g.add_argument("--seed", type=int, default=0, help="engine sampling seed (matters only with --temperature > 0)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="auto = vLLM when importable, else HF transformers")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto = the checkpoint's dtype")
+    g.add_argument("--device", default=None, help="cuda:N to pick a GPU (default: cuda:0 if available, else cpu)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory")
+    g.add_argument("--max-model-len", type=int, default=-1, help="prompt + generation tokens (-1 = the model's context length)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded concurrently (HF: batch size)")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False, help="vLLM without CUDA graphs / compile warm-up")
+    g = p.add_argument_group("judge (SST, AlpacaEval): any OpenAI-compatible chat endpoint")
+    g.add_argument("--judge-base-url", default="http://127.0.0.1:8000/v1", help="endpoint root with /v1")
+    g.add_argument("--judge-model", default="meta-llama/Llama-3.3-70B-Instruct", help="model name the endpoint serves")
+    g.add_argument("--judge-api-key-env", default="", help="environment variable holding the API key ('' = none, local vLLM)")
+    g.add_argument("--judge-max-concurrency", type=int, default=16, help="judge requests in flight")
+    g.add_argument("--judge-max-retries", type=int, default=5, help="retries per request (connection errors, timeouts, 408/409/429/5xx)")
+    g.add_argument("--judge-backoff-s", type=float, default=1.0, help="first retry delay in seconds, doubling per retry")
+    g.add_argument("--judge-max-backoff-s", type=float, default=60.0, help="longest delay between two tries, in seconds")
+    g.add_argument("--judge-timeout-s", type=float, default=120.0, help="seconds one judge request may take")
+    g.add_argument("--judge-max-tokens", type=int, default=16, help="judge reply length limit (a verdict is one word)")
+    g.add_argument("--judge-extra-body", type=json.loads, default=None, help='JSON of extra request parameters, e.g. \'{"structured_outputs": {"choice": ["True", "False"]}}\'')
+    g.add_argument("--judge-cache", default="", help="judgment cache file ('' = <output-dir>/<benchmark>/judge_cache.jsonl)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default="", help="results go to <output-dir>/<benchmark>/ ('' = <run>/eval/<checkpoint> for a checkpoint folder, else results/eval_instruct_<model>)")
+    g.add_argument("--generator", default="", help="AlpacaEval generator name in model_outputs.json ('' = the model folder's name)")
+    g.add_argument("--chunk-size", type=int, default=512, help="examples per generate call; records are appended after each (-1 = one call)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    if suppress:
+        for action in p._actions:  # argparse has no public switch that drops every default, explicit ones included
+            action.default = argparse.SUPPRESS
+    return p
+
+
+def _load_config(path: str, known: set[str]) -> dict:
+    import yaml
+
+    if not Path(path).exists():
+        raise SystemExit(f"--config {path}: file not found")
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - known - {"benchmark", "sample_data"})
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown keys {unknown}; keys are this script's flags")
+    if "benchmark" not in values:
+        raise SystemExit(f"--config {path}: no `benchmark` key")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags and configs into one settings Namespace per benchmark: defaults <- YAML <- flags given.
+
+    Returns:
+        Namespace(model, configs, runs=[Namespace(benchmark, config, model, every setting...)]).
+    """
+    parser = _build_parser(suppress=False)
+    args = parser.parse_args(argv)
+    given = vars(_build_parser(suppress=True).parse_args(argv))
+    if args.all and args.config:
+        raise SystemExit("--all and --config: give one (--all runs every file in data/eval_configs/ but math.yaml)")
+    if not args.all and not args.config:
+        raise SystemExit("give --config FILE [FILE ...] or --all")
+    configs = ALL_CONFIGS if args.all else args.config
+    if len(configs) > 1:
+        clash = [f"--{k.replace('_', '-')}" for k in PER_BENCHMARK_KEYS if k in given]
+        if clash:
+            raise SystemExit(f"{' '.join(clash)} with {len(configs)} configs (--all or several --config): each "
+                             f"benchmark reads its own files; set them in its config or run it alone")  # fmt: skip
+    defaults = {k: v for k, v in vars(args).items() if k not in ("config", "all")}
+    known = set(defaults) - {"model"}
+    runs = []
+    for path in configs:
+        values = _load_config(path, known)
+        runs.append(argparse.Namespace(**{**defaults, "sample_data": None, **values, **given, "config": path,
+                                          "model": args.model}))  # fmt: skip
+    names = [r.benchmark for r in runs]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--config: benchmark given twice ({names})")
+    return argparse.Namespace(model=args.model, configs=list(configs), runs=runs)
+
+
+def frame_template(s: argparse.Namespace) -> str:
+    """The text around each task with one {instruction} slot. For the Alpaca template, everything before
+    `{response}`: the model continues right after "### Response:\\n", as in training."""
+    from utils.helper_fns import load_prompt
+
+    text = load_prompt(s.frame_prompt or PROMPT_FORMATS[s.prompt_format][0])
+    if "{response}" in text:
+        text = text.split("{response}")[0]
+    return text
+
+
+def check_run(s: argparse.Namespace) -> None:
+    """Reject bad settings and missing files of one benchmark before any model loads."""
+    from utils.benchmarks import REGISTRY
+
+    where = f"{s.config} ({s.benchmark})"
+    if s.benchmark not in REGISTRY or s.benchmark == "math":
+        raise SystemExit(f"{where}: benchmark must be one of gsm8k, mmlu, sst, alpaca_eval (MATH: evaluate_reason.py)")
+    if s.prompt_format not in PROMPT_FORMATS:
+        raise SystemExit(f"{where}: prompt_format {s.prompt_format!r} must be one of {list(PROMPT_FORMATS)}")
+    if s.temperature < 0 or not 0 < s.top_p <= 1 or s.max_tokens < 1:
+        raise SystemExit(f"{where}: need --temperature >= 0, --top-p in (0, 1], --max-tokens >= 1")
+    if s.chunk_size == 0 or s.chunk_size < -1:
+        raise SystemExit(f"{where}: --chunk-size {s.chunk_size} must be >= 1, or -1 for one call")
+    data = Path(s.data) if s.data else None
+    if data is None:
+        raise SystemExit(f"{where}: no data path (set `data` in the config or --data)")
+    if not data.exists():
+        found = sorted({str(p.parent if s.benchmark == "mmlu" else p) for p in Path(EVAL_DATA_DIR).glob(
+            DATA_GLOBS[s.benchmark]) if not p.name.startswith("sample_") and "sample_" not in p.parent.name})
+        hint = f"\n{EVAL_DATA_DIR} holds {found}: pass one with --data." if found else ""
+        raise SystemExit(f"{where}: data {data} not found. Download the evaluation data with\n    {DOWNLOAD_COMMAND}\n"
+                         f"or run on the bundled sample with --sample-data ({s.sample_data}).{hint}")  # fmt: skip
+    for flag, path in (("--frame-prompt", s.frame_prompt), ("--task-prompt", s.task_prompt),
+                       ("--judge-prompt", s.judge_prompt)):  # fmt: skip
+        if path and not Path(path).exists():
+            raise SystemExit(f"{where}: {flag} {path}: file not found")
+    if s.benchmark in JUDGED:
+        try:
+            judge_config(s).check()
+        except ValueError as e:
+            raise SystemExit(f"{where}: {e}") from None
+
+
+def judge_config(s: argparse.Namespace):
+    from utils.judges import JudgeConfig
+
+    return JudgeConfig(base_url=s.judge_base_url, model=s.judge_model, api_key_env=s.judge_api_key_env,
+                       max_concurrency=s.judge_max_concurrency, max_retries=s.judge_max_retries,
+                       backoff_s=s.judge_backoff_s, max_backoff_s=s.judge_max_backoff_s, timeout_s=s.judge_timeout_s,
+                       max_tokens=s.judge_max_tokens, extra_body=dict(s.judge_extra_body or {}))  # fmt: skip
+
+
+def build_benchmark(s: argparse.Namespace):
+    """The registry's benchmark object for one settings Namespace."""
+    from utils.benchmarks import REGISTRY
+    from utils.helper_fns import load_prompt
+
+    frame = frame_template(s)
+    cls = REGISTRY[s.benchmark]
+    if s.benchmark in ("gsm8k", "mmlu"):
+        return cls(frame_template=frame, task_template=load_prompt(s.task_prompt) if s.task_prompt else None)
+    if s.benchmark == "sst":
+        return cls(frame_template=frame, judge_system_prompt=load_prompt(s.judge_prompt) if s.judge_prompt else None)
+    return cls(frame_template=frame, generator=s.generator or _model_label(s.model))
+
+
+def _model_label(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model)
+
+
+def default_output_dir(model: str) -> tuple[str, str]:
+    """(folder, why): `<run>/eval/<checkpoint>` for a `<run>/checkpoints/<checkpoint>` folder (the layout the plot
+    scripts read), else `results/eval_instruct_<model>`."""
+    path = Path(model)
+    if path.exists() and path.resolve().parent.name == "checkpoints":
+        resolved = path.resolve()  # `latest` is a link to the newest step_XXXXXX
+        return str(resolved.parent.parent / "eval" / resolved.name), "a checkpoint of a training run"
+    return f"results/eval_instruct_{_model_label(model)}", "not a <run>/checkpoints/ folder"
+
+
+def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
+    """Run every selected benchmark with one engine; returns {benchmark: summary}.
+
+    Args:
+        args: from `parse_args`.
+        engine: an `InferenceEngine` to use instead of loading `--model` (in-loop evaluation, tests); not closed here.
+    """
+    from utils.benchmarks import run_benchmark
+    from utils.helper_fns import check_writable_dir, seed_everything, write_json
+    from utils.inference import SamplingConfig, make_engine
+    from utils.judges import JudgeUnavailable, run_judging
+
+    model = args.model
+    if Path(model).is_symlink():  # e.g. checkpoints/latest: records must name the step they came from
+        model = str(Path(model).resolve())
+        print(f"model: {args.model} -> {model}")
+    prepared, default_printed = [], False
+    for s in args.runs:  # every check and every data file before the model loads
+        s.model = model
+        if s.use_sample_data:
+            if not s.sample_data:
+                raise SystemExit(f"--sample-data: {s.config} has no `sample_data` key")
+            s.data = s.sample_data
+        if not s.output_dir:
+            s.output_dir, why = default_output_dir(model)
+            if not default_printed:
+                print(f"output: {s.output_dir}/<benchmark> ({why}; --output-dir sets it)")
+                default_printed = True
+        if s.stop is None:
+            s.stop = list(PROMPT_FORMATS[s.prompt_format][1])
+            stop_why = f"the {s.prompt_format} format's default"
+        else:
+            stop_why = "given"
+        check_run(s)
+        benchmark = build_benchmark(s)
+        try:
+            examples = benchmark.load_examples(s.data, s.max_examples)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"{s.config}: {e}") from None
+        out = check_writable_dir(Path(s.output_dir) / s.benchmark, "--output-dir")
+        print(f"{s.benchmark}: {len(examples)} examples from {s.data} | prompt {s.prompt_format} "
+              f"({s.frame_prompt or PROMPT_FORMATS[s.prompt_format][0]}) | stop {s.stop} ({stop_why}) | "
+              f"max_tokens {s.max_tokens} | T {s.temperature:g} -> {out}")  # fmt: skip
+        if s.benchmark in JUDGED:
+            print(f"{s.benchmark}: judged after generation by {s.judge_model!r} at {s.judge_base_url}")
+        prepared.append((s, benchmark, examples, out))
+
+    seed_everything(args.runs[0].seed)
+    summaries: dict[str, dict] = {}
+    judge_failures: list[str] = []
+    own_engine, engine_key = None, None
+    try:
+        for s, benchmark, examples, out in prepared:
+            write_json(out / "config.json", vars(s))
+            if engine is None:
+                key = tuple(getattr(s, k) for k in ENGINE_KEYS)
+                if own_engine is None or key != engine_key:
+                    if own_engine is not None:
+                        own_engine.close()
+                    own_engine = make_engine(model, engine=s.engine, seed=s.seed, dtype=s.dtype,
+                                             gpu_memory_utilization=s.gpu_memory_utilization,
+                                             max_model_len=None if s.max_model_len < 0 else s.max_model_len,
+                                             max_num_seqs=s.max_num_seqs, device=s.device,
+                                             enforce_eager=s.enforce_eager)  # fmt: skip
+                    engine_key = key
+            sampling = SamplingConfig(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                      stop=list(s.stop), include_stop_str_in_output=s.include_stop_str)  # fmt: skip
+            summary = run_benchmark(benchmark, engine or own_engine, s.data, sampling, out,
+                                    max_examples=s.max_examples, chunk_size=s.chunk_size,
+                                    use_tqdm=not s.no_progress)  # fmt: skip
+            if s.benchmark in JUDGED:
+                judge = judge_config(s).build(s.judge_cache or out / "judge_cache.jsonl")
+                try:
+                    summary = run_judging(benchmark, judge, out, [ex["index"] for ex in examples])
+                except JudgeUnavailable as e:
+                    print(f"\n{e}\n")
+                    judge_failures.append(str(e))
+            summaries[s.benchmark] = summary
+            print_summary(s.benchmark, summary)
+    finally:
+        if own_engine is not None:
+            own_engine.close()
+    if judge_failures:
+        raise SystemExit("\n".join(judge_failures))
+    return summaries
+
+
+def print_summary(name: str, summary: dict) -> None:
+    """One line of headline numbers; a warning line when a judge's replies could not all be read."""
+    m, t = summary["metrics"], summary["throughput"]
+
+    def pct(x) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    if name in ("gsm8k", "mmlu"):
+        line = f"accuracy {pct(m['accuracy'])} | parsed {pct(m['parsed_rate'])}"
+        if name == "mmlu":
+            line += " | " + " | ".join(f"{c} {pct(v)}" for c, v in m["per_category"].items())
+    elif m["num_judged"] < m["num_examples"]:
+        line = f"not judged ({m['num_judged']} of {m['num_examples']})"
+    elif name == "sst":
+        line = f"safe {pct(m['safe_rate'])} | judge parsed {pct(m['judge_parsed_rate'])}"
+    else:
+        line = (f"win rate {pct(m['win_rate'])} | LC win rate {pct(m['lc_win_rate'])} | judge parsed "
+                f"{pct(m['judge_parsed_rate'])} | method {m['method']}")  # fmt: skip
+    if summary.get("judge"):
+        line += f" | judge: {summary['judge'].get('sent', 0)} sent, {summary['judge'].get('cached', 0)} cached"
+    rate = "-" if t["examples_per_s"] is None else f"{t['examples_per_s']:.2f}"
+    print(f"{name} | {m['num_examples']} examples | {line} | this run: {t['examples_generated']} generated, "
+          f"{rate} ex/s ({summary['engine']})")  # fmt: skip
+    if name in JUDGED and m.get("n_unparsed"):
+        counted = "counted as not safe" if name == "sst" else "left out of the win rates"
+        print(f"warning: {name}: {m['n_unparsed']} of {m['num_examples']} judge replies unparsed ({counted}); "
+              f"see judgments.jsonl")  # fmt: skip
+
+
+if __name__ == "__main__":  # vLLM's workers re-import this module; the guard keeps them from re-running main
+    main(parse_args())
