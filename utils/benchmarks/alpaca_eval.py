@@ -22,6 +22,7 @@ import math
 import os
 from pathlib import Path
 
+from utils.benchmarks.base import one_sample_each, select_examples
 from utils.helper_fns import load_prompt, load_records, write_json
 from utils.inference import Completion
 from utils.judges import Judge, JudgedBenchmark, judge_pairwise, judged_text
@@ -141,20 +142,15 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
                 raise ValueError(f"{location}: empty instruction")
             examples.append({"index": i, "instruction": rec["instruction"], "reference": rec["output"],
                              "reference_generator": rec["generator"], "dataset": rec["dataset"]})  # fmt: skip
-        return examples if max_examples is None or max_examples < 0 else examples[:max_examples]
+        return select_examples(examples, max_examples)
 
     def build_prompt(self, example: dict) -> str:
         return self.frame_template.replace("{instruction}", example["instruction"])
 
     def score(self, examples: list[dict], completions: list[list[Completion]]) -> list[dict]:
         """Keep the responses; preferences come from `judge` after generation."""
-        if len(examples) != len(completions):
-            raise ValueError(f"{len(examples)} examples but {len(completions)} completion lists")
         records = []
-        for ex, cs in zip(examples, completions):
-            if len(cs) != 1:
-                raise ValueError(f"AlpacaEval judges one greedy response per instruction, got {len(cs)}")
-            c = cs[0]
+        for ex, c in zip(examples, one_sample_each(self.name, examples, completions)):
             records.append({
                 "instruction": ex["instruction"],
                 "dataset": ex["dataset"],

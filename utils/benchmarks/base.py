@@ -53,6 +53,20 @@ def select_examples(examples: list[dict], max_examples: int) -> list[dict]:
     return examples[:max_examples]
 
 
+def one_sample_each(name: str, examples: list[dict], completions: list[list[Completion]]) -> list[Completion]:
+    """The single completion of each example, for benchmarks scored on one greedy answer.
+
+    Raises:
+        ValueError: the counts differ, or an example has other than one completion.
+    """
+    if len(examples) != len(completions):
+        raise ValueError(f"{len(examples)} examples but {len(completions)} completion lists")
+    for cs in completions:
+        if len(cs) != 1:
+            raise ValueError(f"{name} scores one greedy sample per example, got {len(cs)}")
+    return [cs[0] for cs in completions]
+
+
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Records of a possibly interrupted `records.jsonl`.
 

@@ -11,7 +11,7 @@ import os
 import re
 from decimal import Decimal, InvalidOperation
 
-from utils.benchmarks.base import Benchmark
+from utils.benchmarks.base import Benchmark, one_sample_each, select_examples
 from utils.helper_fns import load_prompt, load_records
 from utils.inference import Completion
 
@@ -116,20 +116,15 @@ class GSM8KBenchmark(Benchmark):
             if not isinstance(answer, str):
                 raise ValueError(f"{location}: 'answer' must be a string ending in '#### <number>', got {answer!r}")
             examples.append({"index": i, "question": question, "gold": parse_gold(answer, location)})
-        return examples if max_examples is None or max_examples < 0 else examples[:max_examples]
+        return select_examples(examples, max_examples)
 
     def build_prompt(self, example: dict) -> str:
         task = self.task_template.replace("{question}", example["question"])
         return self.frame_template.replace("{instruction}", task)
 
     def score(self, examples: list[dict], completions: list[list[Completion]]) -> list[dict]:
-        if len(examples) != len(completions):
-            raise ValueError(f"{len(examples)} examples but {len(completions)} completion lists")
         records = []
-        for ex, cs in zip(examples, completions):
-            if len(cs) != 1:
-                raise ValueError(f"GSM8K scores one greedy sample per question, got {len(cs)}")
-            c = cs[0]
+        for ex, c in zip(examples, one_sample_each(self.name, examples, completions)):
             prediction = parse_last_number(c.text)
             records.append({
                 "question": ex["question"],

@@ -11,7 +11,7 @@ import math
 import os
 from collections import Counter
 
-from utils.benchmarks.base import Benchmark
+from utils.benchmarks.base import Benchmark, select_examples
 from utils.helper_fns import load_prompt, load_records
 from utils.inference import Completion
 
@@ -55,7 +55,7 @@ def load_math_examples(path: str | os.PathLike, max_examples: int = -1) -> list[
         if not (isinstance(answer, str) or valid_list):
             raise ValueError(f"{location}: the answer must be a string or a list of strings, got {answer!r}")
         examples.append({"index": i, "problem": problem, "expected_answer": answer})
-    return examples if max_examples is None or max_examples < 0 else examples[:max_examples]
+    return select_examples(examples, max_examples)
 
 
 def _answer_of(response: str, format_reward: float) -> str | None:

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from utils.benchmarks.base import Benchmark
+from utils.benchmarks.base import Benchmark, one_sample_each, select_examples
 from utils.helper_fns import load_prompt
 from utils.inference import Completion
 
@@ -161,7 +161,7 @@ class MMLUBenchmark(Benchmark):
                     examples.append({"index": len(examples), "subject": subject,
                                      "category": SUBJECT_CATEGORY.get(subject), "question": row[0],
                                      "options": row[1:5], "gold": gold})  # fmt: skip
-        return examples if max_examples is None or max_examples < 0 else examples[:max_examples]
+        return select_examples(examples, max_examples)
 
     def build_prompt(self, example: dict) -> str:
         task = self.task_template.replace("{subject}", example["subject"].replace("_", " "))
@@ -171,13 +171,8 @@ class MMLUBenchmark(Benchmark):
         return self.frame_template.replace("{instruction}", task)
 
     def score(self, examples: list[dict], completions: list[list[Completion]]) -> list[dict]:
-        if len(examples) != len(completions):
-            raise ValueError(f"{len(examples)} examples but {len(completions)} completion lists")
         records = []
-        for ex, cs in zip(examples, completions):
-            if len(cs) != 1:
-                raise ValueError(f"MMLU scores one greedy sample per question, got {len(cs)}")
-            c = cs[0]
+        for ex, c in zip(examples, one_sample_each(self.name, examples, completions)):
             prediction = parse_mmlu_letter(c.text)
             records.append({
                 "subject": ex["subject"],

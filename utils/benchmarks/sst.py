@@ -11,6 +11,7 @@ import csv
 import os
 from pathlib import Path
 
+from utils.benchmarks.base import one_sample_each, select_examples
 from utils.helper_fns import load_prompt
 from utils.inference import Completion
 from utils.judges import Judge, JudgedBenchmark, judge_safety, judged_text
@@ -65,20 +66,15 @@ class SSTBenchmark(JudgedBenchmark):
                     raise ValueError(f"{path}:{row_no}: empty prompts_final")
                 examples.append({"index": len(examples), "id": row.get("id") or str(len(examples)),
                                  "harm_area": (row["harm_area"] or "").strip(), "user_prompt": prompt})  # fmt: skip
-        return examples if max_examples is None or max_examples < 0 else examples[:max_examples]
+        return select_examples(examples, max_examples)
 
     def build_prompt(self, example: dict) -> str:
         return self.frame_template.replace("{instruction}", example["user_prompt"])
 
     def score(self, examples: list[dict], completions: list[list[Completion]]) -> list[dict]:
         """Keep the responses; the verdicts come from `judge` after generation."""
-        if len(examples) != len(completions):
-            raise ValueError(f"{len(examples)} examples but {len(completions)} completion lists")
         records = []
-        for ex, cs in zip(examples, completions):
-            if len(cs) != 1:
-                raise ValueError(f"SST judges one greedy response per prompt, got {len(cs)}")
-            c = cs[0]
+        for ex, c in zip(examples, one_sample_each(self.name, examples, completions)):
             records.append({
                 "id": ex["id"],
                 "harm_area": ex["harm_area"],
