@@ -39,6 +39,8 @@ class ReasonValidator:
             include_stop_str_in_output=True, n=1, seed=args.seed,
         )  # fmt: skip
         self.reference = [r for r in self.records if r.get("response")]
+        if not self.reference:
+            print("validation: the val records carry no reference responses; teacher-forced val loss is not logged")
         self.history: list[dict] = []
         self._engine = None
 
