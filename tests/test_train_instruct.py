@@ -41,7 +41,8 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
     broken = Path(T.main(_args(tmp_path, "--run-name", "broken", *common))["run_dir"])
     # simulate a crash right after the step-3 checkpoint: later checkpoints never happened
     shutil.rmtree(broken / "checkpoints" / "step_000006")
-    (broken / "checkpoints" / "latest").write_text("step_000003\n")
+    (broken / "checkpoints" / "latest").unlink()
+    (broken / "checkpoints" / "latest").symlink_to("step_000003")
     T.main(_args(tmp_path, "--run-name", "broken", "--resume", *common))
     a, b = _rows(full, "train/"), _rows(broken, "train/")
     assert sorted(b) == [1, 2, 3, 4, 5, 6]  # rows after the checkpoint were replaced, not duplicated

@@ -44,7 +44,8 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
     full = Path(T.main(_args(tmp_path, "--run-name", "full", *common))["run_dir"])
     broken = Path(T.main(_args(tmp_path, "--run-name", "broken", *common))["run_dir"])
     shutil.rmtree(broken / "checkpoints" / "step_000006")  # as if killed right after the step-3 checkpoint
-    (broken / "checkpoints" / "latest").write_text("step_000003\n")
+    (broken / "checkpoints" / "latest").unlink()
+    (broken / "checkpoints" / "latest").symlink_to("step_000003")
     T.main(_args(tmp_path, "--run-name", "broken", "--resume", *common))
     a, b = _rows(full, "train/"), _rows(broken, "train/")
     assert sorted(b) == list(range(1, 7))

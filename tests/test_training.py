@@ -96,6 +96,8 @@ def test_checkpoint_roundtrip_and_interrupted_save(model_and_batch, tmp_path, ti
     train_step(model, opt, [mb], 1e-2)
     first = save_checkpoint(tmp_path, 1, model, tok, opt, {"step": 1}, keep_last=2)
     assert latest_checkpoint(tmp_path) == first
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "latest").resolve() == first.resolve()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "latest")  # the link is a model path for HF/vLLM/eval scripts
     train_step(model, opt, [mb], 1e-2)
 
     # a crash inside the save (here: writing trainer_state.pt) must leave step 1 as the usable latest

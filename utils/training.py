@@ -335,7 +335,8 @@ def save_checkpoint(
     state_dict: dict | None = None,
     optimizer_state: dict | None = None,
 ) -> Path:
-    """Write `ckpt_root/step_XXXXXX/` atomically and point `ckpt_root/latest` at it; keep the newest `keep_last`.
+    """Write `ckpt_root/step_XXXXXX/` atomically and point the `ckpt_root/latest` symlink at it; keep the newest
+    `keep_last`.
 
     The folder is a complete HF model + tokenizer (loadable by vLLM and `from_pretrained`) plus
     `trainer_state.pt` with the optimizer state, RNG states and `trainer_state` (step, data position, ...).
@@ -362,8 +363,12 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    # `latest` is a relative symlink, so `--model <run>/checkpoints/latest` works for HF, vLLM and the eval scripts;
+    # replacing a symlink with os.replace is atomic.
     latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
+    if latest_tmp.is_symlink() or latest_tmp.exists():
+        latest_tmp.unlink()
+    os.symlink(final.name, latest_tmp)
     os.replace(latest_tmp, root / "latest")
     if keep_last > 0:
         done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").exists())
@@ -376,8 +381,8 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     """The checkpoint `latest` points to, or else the newest complete `step_*` folder; None if there is none."""
     root = Path(ckpt_root)
     pointer = root / "latest"
-    if pointer.exists():
-        cand = root / pointer.read_text().strip()
+    if pointer.is_symlink():
+        cand = root / os.readlink(pointer)
         if (cand / "trainer_state.pt").exists():
             return cand
     done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").exists())
