@@ -150,6 +150,16 @@ def test_math_pass_at_k_and_majority_vote_by_hand():
     assert m["majority_accuracy"] == pytest.approx(1 / 3)
 
 
+def test_majority_vote_groups_answers_by_normal_form():
+    bench = MathBenchmark(grader_workers=1)
+    examples = [{"problem": "p", "expected_answer": "1000"}]
+    # by raw string: "999" 2, "1000" 2, "1,000" 1 -> the tie goes to the earlier "999" (wrong);
+    # grouped by normal form: 1000 has 3 votes (right)
+    completions = [_completions(["999", "999", "1,000", "1000", "1000"], [4] * 5)]
+    m = bench.summarize(bench.score(examples, completions))
+    assert m["majority_accuracy"] == 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The runner: chunks, resume, guards
 

@@ -723,6 +723,12 @@ def _settle(model_answer: str, ground_truth: str, fast: bool) -> bool | None:
     return None
 
 
+def normalize_answer(answer: str) -> str:
+    """The grader's string normal form (e.g. `\\dfrac12` -> `\\frac{1}{2}`, `1,000` -> `1000`, `x = 5` -> `5`): a cheap
+    key for grouping answers, e.g. majority votes. Equal keys imply `grade` equality; the converse does not hold."""
+    return _normalize(answer)[0]
+
+
 def grade(model_answer: str, ground_truth: str, fast: bool = True) -> bool:
     """Whether two answers are mathematically equivalent; symmetric in its two arguments.
 

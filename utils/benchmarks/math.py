@@ -185,10 +185,17 @@ class MathBenchmark(Benchmark):
 
 
 def _majority_reward(samples: list[dict]) -> float:
-    """Reward of the most frequent graded answer among formatted samples (0 when none is formatted)."""
-    votes = Counter(s["answer"] for s in samples if s["answer"] is not None)
+    """Reward of the most frequent answer among formatted samples (0 when none is formatted).
+
+    Answers vote by the grader's normal form, so `\\dfrac12` and `\\frac{1}{2}` (or `1,000` and `1000`) vote together;
+    forms equal only numerically (`0.5` vs `\\frac{1}{2}`) still vote apart.
+    """
+    from utils.drgrpo_grader import normalize_answer
+
+    keys = [normalize_answer(s["answer"]) if s["answer"] is not None else None for s in samples]
+    votes = Counter(k for k in keys if k is not None)
     if not votes:
         return 0.0
     top = max(votes.values())
-    winner = next(s for s in samples if s["answer"] is not None and votes[s["answer"]] == top)  # earliest of the ties
+    winner = next(s for s, k in zip(samples, keys) if k is not None and votes[k] == top)  # earliest of the ties
     return float(winner["reward"])
