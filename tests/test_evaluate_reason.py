@@ -417,3 +417,8 @@ def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
     bad.write_text("benchmark: math\ntemprature: 0.5\n")
     with pytest.raises(SystemExit, match=r"unknown keys \['temprature'\]"):
         parse_args(["--config", str(bad)])
+
+
+def test_math_prompt_template_may_contain_literal_braces():
+    bench = MathBenchmark(prompt_template="Put the final answer in \\boxed{}. {question}\nAssistant: <think>")
+    assert bench.build_prompt({"problem": "What is {1+1}?"}) == "Put the final answer in \\boxed{}. What is {1+1}?\nAssistant: <think>"

@@ -19,7 +19,6 @@ class ReasonValidator:
 
     def __init__(self, args, policy, tokenizer, val_records, template, run_dir: Path, device, precision):
         from utils.benchmarks.math import MathBenchmark
-        from utils.dataloader import format_prompts
         from utils.inference import SamplingConfig
 
         self.args, self.policy, self.tokenizer = args, policy, tokenizer
@@ -31,9 +30,9 @@ class ReasonValidator:
         if args.val_size >= 0:
             order = sorted(order[: args.val_size])
         self.records = [val_records[i] for i in order]
-        self.prompts = format_prompts(self.records, template)
         self.sample_ids = list(range(min(args.num_samples_logged, len(self.records))))
         self.benchmark = MathBenchmark(prompt_template=template, grader_workers=args.grader_workers)
+        self.prompts = [self.benchmark.build_prompt(r) for r in self.records]
         self.sampling = SamplingConfig(
             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, stop=[args.stop],
             include_stop_str_in_output=True, n=1, seed=args.seed,

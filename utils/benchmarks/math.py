@@ -105,7 +105,8 @@ class MathBenchmark(Benchmark):
         return load_math_examples(path, max_examples)
 
     def build_prompt(self, example: dict) -> str:
-        return self.prompt_template.format(question=example["problem"])
+        # str.replace, not str.format: a template may hold literal braces (e.g. \\boxed{}); same as training's prompts
+        return self.prompt_template.replace("{question}", example["problem"])
 
     def score(self, examples: list[dict], completions: list[list[Completion]] | list[Completion]) -> list[dict]:
         """Grade every sample in one `grade_batch` call.
