@@ -1,7 +1,8 @@
-"""The throughput benchmark on the tiny shape: correctness of packed vs padded (not speed)."""
+"""The throughput benchmark on the tiny shape: packed vs padded loss, fair token counts for TRL (not speed)."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ def test_bench_tiny_shape_packed_equals_padded(tmp_path):
     bench = _load()
     out = tmp_path / "bench.json"
     rows = bench.main(["--shape", "tiny", "--steps", "3", "--examples-per-step", "6", "--length-scale", "0.1",
-                       "--max-len", "256", "--pack-tokens", "400", "--device", "cpu", "--output", str(out)])
+                       "--max-len", "256", "--pack-tokens", "400", "--device", "cpu", "--output", str(out),
+                       "--configs", "padded,packed,packed+chunked"])
     assert [r["config"] for r in rows] == ["padded", "packed", "packed+chunked"]
     for r in rows[1:]:
         # three steps of AdamW on the same examples: same objective, same trajectory
@@ -39,3 +41,49 @@ def test_bench_synthetic_lengths_follow_the_issue():
     assert min(prompt_lens) >= 60 and max(prompt_lens) <= 300
     assert max(total) <= 2048
     assert 650 < sum(total) / len(total) < 900  # the issue's mean sequence is 773 tokens
+
+
+def test_unshifted_labels_mask_the_prompt_and_match_the_shifted_example():
+    bench = _load()
+    ex = bench.synthetic_examples(1, 1000, 3, 2048, 0.1)[0]
+    full, labels = bench.unshifted(ex)
+    n_prompt = int((~ex["response_mask"]).sum()) + 1
+    assert len(full) == len(labels) == len(ex["input_ids"]) + 1
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == full[n_prompt:]
+    # the model predicts labels[t + 1] at position t: the same targets and mask as our shifted example
+    assert full[:-1] == ex["input_ids"].tolist()
+    assert [lab != -100 for lab in labels[1:]] == ex["response_mask"].tolist()
+
+
+TRL_ARGS = ["--shape", "tiny", "--steps", "3", "--warmup-steps", "1", "--examples-per-step", "4",
+            "--length-scale", "0.1", "--max-len", "256", "--pack-tokens", "512", "--trl-micro-batch-size", "2",
+            "--trl-grad-accum", "2", "--device", "cpu"]  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (requirements-dev.txt pins it)")
+def test_bench_trl_rows_count_every_real_token_once(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "bench.json"
+    rows = bench.main([*TRL_ARGS, "--configs", "padded,trl-default,trl-packing,trl-packing-nogc,trl-packing-liger",
+                       "--output", str(out)])
+    by_name = {r["config"]: r for r in rows}
+    # Liger needs CUDA: skipped with a printed reason, never silently
+    assert "trl-packing-liger" not in by_name and "skip trl-packing-liger:" in capsys.readouterr().out
+    for name in ("trl-default", "trl-packing", "trl-packing-nogc"):
+        r = by_name[name]
+        assert r["tokens_per_s"] > 0 and r["tflops"] > 0
+        assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
+        assert abs(r["first_loss"] - math.log(1000)) < 0.1  # random weights: about ln(vocab)
+        assert r["steps"] == 3
+        # one epoch over the pool: the tokens TRL's batches held are exactly the pool's, each example once
+        pool = bench.synthetic_examples(r["examples"], 1000, 0, 256, 0.1)
+        assert r["documents"] == r["examples"]
+        assert r["tokens_total"] == sum(len(e["input_ids"]) + 1 for e in pool)
+    # padded rows hold one example each; packed rows hold ~256 tokens, so packing sees more examples per step
+    assert by_name["trl-default"]["examples"] == 3 * 2 * 2
+    assert by_name["trl-packing"]["examples"] > by_name["trl-default"]["examples"]
+    # gradient checkpointing recomputes, it does not change the numbers
+    assert by_name["trl-packing-nogc"]["last_loss"] == pytest.approx(by_name["trl-packing"]["last_loss"], rel=1e-5)
+    saved = json.loads(out.read_text())
+    assert [r["config"] for r in saved["results"]] == ["padded", "trl-default", "trl-packing", "trl-packing-nogc"]
+    assert saved["meta"]["versions"]["trl"] == "1.16.0"
