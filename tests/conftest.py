@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,13 @@ def llama3_tokenizer():
     tok = convert_tiktoken_file(_package_file("llama_models", "llama3/tokenizer.model"), "llama")
     assert len(tok) == 128256
     return tok
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (test servers and torchrun rendezvous bind only there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def has_vllm() -> bool:

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, has_vllm
 
-from conftest import has_vllm
 from utils.drgrpo_grader import r1_zero_reward_fn
 from utils.helper_fns import read_jsonl
 
@@ -38,12 +37,6 @@ def load_script(name: str):
 download, splits, traces, build = (
     load_script(n) for n in ("download_data", "make_math_splits", "generate_traces", "build_sft_dataset")
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, has_vllm
 import torch
-from conftest import has_vllm
 
 from evaluate_instruct import DOWNLOAD_COMMAND, main, parse_args
 from utils.benchmarks.alpaca_eval import METHOD, length_controlled_win_rate
@@ -39,12 +38,6 @@ FORCE_CHOICE = json.dumps({"structured_outputs": {"choice": ["1", "2"]}})
 
 def run(argv: list[str]) -> dict[str, dict]:
     return main(parse_args(argv))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

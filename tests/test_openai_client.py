@@ -7,12 +7,12 @@ exercised by tests/test_data_scripts.py through generate_traces.py.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import free_port
 
 from utils.openai_client import EndpointError, OpenAICompatClient, request_key
 
@@ -110,12 +110,6 @@ def server():
     s = FakeServer()
     yield s
     s.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_client(url: str, cache_path=None, **kw) -> OpenAICompatClient:

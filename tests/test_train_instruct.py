@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 import train_sft_instruct as T
 
@@ -56,7 +57,7 @@ def test_fsdp_two_gloo_processes_match_one_process(tmp_path):
     single = T.main(_args(tmp_path, "--run-name", "single", "--max-steps", "3", "--eval-every", "3",
                           "--micro-batch-size", "2", "--gradient-accumulation-steps", "2", "--packing", "doc"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "train_sft_instruct.py"), "--preset", "demo", "--output-dir", str(tmp_path), "--cache-dir",
            str(tmp_path / "cache"), "--run-name", "fsdp", "--max-steps", "3", "--eval-every", "3",
            "--micro-batch-size", "2", "--gradient-accumulation-steps", "1", "--packing", "doc"]
