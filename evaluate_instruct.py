@@ -25,6 +25,8 @@ import json
 import re
 from pathlib import Path
 
+from utils.inference import add_engine_flags
+
 ALL_CONFIGS = [f"data/eval_configs/{b}.yaml" for b in ("gsm8k", "mmlu", "sst", "alpaca_eval")]
 JUDGED = ("sst", "alpaca_eval")
 # The eval files are download_data.py's `eval` subset (its `sft-instruct` subset is the training data only).
@@ -69,13 +71,7 @@ def _build_parser(suppress: bool) -> argparse.ArgumentParser:
     g.add_argument("--include-stop-str", action=argparse.BooleanOptionalAction, default=False, help="keep the matched stop string in the response")
     g.add_argument("--seed", type=int, default=0, help="engine sampling seed (matters only with --temperature > 0)")
     g = p.add_argument_group("engine")
-    g.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="auto = vLLM when importable, else HF transformers")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto = the checkpoint's dtype")
-    g.add_argument("--device", default=None, help="cuda:N to pick a GPU (default: cuda:0 if available, else cpu)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory")
-    g.add_argument("--max-model-len", type=int, default=-1, help="prompt + generation tokens (-1 = the model's context length)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded concurrently (HF: batch size)")
-    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False, help="vLLM without CUDA graphs / compile warm-up")
+    add_engine_flags(g)
     g = p.add_argument_group("judge (SST, AlpacaEval): any OpenAI-compatible chat endpoint")
     g.add_argument("--judge-base-url", default="http://127.0.0.1:8000/v1", help="endpoint root with /v1")
     g.add_argument("--judge-model", default="meta-llama/Llama-3.3-70B-Instruct", help="model name the endpoint serves")

@@ -19,6 +19,8 @@ import argparse
 import re
 from pathlib import Path
 
+from utils.inference import add_engine_flags
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,13 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n-samples", type=int, default=1, help="samples per problem; > 1 adds pass@k and majority-vote accuracy")
     g.add_argument("--seed", type=int, default=0, help="engine sampling seed")
     g = p.add_argument_group("engine")
-    g.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="auto = vLLM when importable, else HF transformers")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto = the checkpoint's dtype")
-    g.add_argument("--device", default=None, help="cuda:N to pick a GPU (default: cuda:0 if available, else cpu)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory")
-    g.add_argument("--max-model-len", type=int, default=-1, help="prompt + generation tokens (-1 = the model's context length)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded concurrently (HF: batch size)")
-    g.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs / compile warm-up (faster start, slower decode)")
+    add_engine_flags(g)
     g = p.add_argument_group("grading and output")
     g.add_argument("--grader-workers", type=int, default=None, help="grader processes (default: min(4, CPUs))")
     g.add_argument("--grader-timeout-s", type=float, default=5.0, help="seconds one answer may take to grade; over it counts wrong")

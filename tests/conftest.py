@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -89,6 +90,26 @@ def llama3_tokenizer():
     tok = convert_tiktoken_file(_package_file("llama_models", "llama3/tokenizer.model"), "llama")
     assert len(tok) == 128256
     return tok
+
+
+def diversified_copy(src: Path, dst: Path, std: float = 0.15, seed: int = 1) -> Path:
+    """Copy a tiny model folder with its matrices redrawn at std `std`.
+
+    The fixtures' 0.02-std init gives near-uniform next-token distributions: greedy decoding repeats one token, so
+    stop strings, batching, parsers and weight sync could not be told apart. Larger weights give varied text.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, std, generator=gen)
+    model.save_pretrained(dst)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, dst / name)
+    return dst
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, has_vllm
+from conftest import diversified_copy, free_port, has_vllm
 import torch
 
 from evaluate_instruct import DOWNLOAD_COMMAND, main, parse_args
@@ -44,19 +44,7 @@ def run(argv: list[str]) -> dict[str, dict]:
 def varied_qwen(tiny_qwen_dir, tmp_path_factory) -> Path:
     """The tiny Qwen2 with weights redrawn at std 0.15: at the fixture's 0.02 greedy decoding repeats one token, so
     the parsers would only ever see that token; larger weights give varied text with digits and letters."""
-    from transformers import AutoModelForCausalLM
-
-    dst = tmp_path_factory.mktemp("qwen_varied")
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.15, generator=gen)
-    model.save_pretrained(dst)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_qwen_dir / name, dst / name)
-    return dst
+    return diversified_copy(tiny_qwen_dir, tmp_path_factory.mktemp("qwen_varied"), seed=3)
 
 
 # ------------------------------------------------------------------------------------------------ flags and configs

@@ -341,35 +341,15 @@ def test_evaluate_reason_end_to_end_on_the_bundled_sample(tiny_qwen_dir, tmp_pat
         main(parse_args([*argv, "--temperature", "0.7"]))
 
 
-def _varied_copy(src: Path, dst: Path) -> Path:
-    """The tiny model with its matrices redrawn at std 0.15: the fixture's 0.02-std init gives near-uniform
-    next-token distributions whose greedy output repeats one token, too flat to tell precisions apart."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.15, generator=gen)
-    model.save_pretrained(dst)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, dst / name)
-    return dst
-
-
 def test_evaluate_reason_greedy_vllm_and_hf_give_the_same_records(tiny_qwen_dir, tmp_path):
     """Both backends at the checkpoint's dtype (float32 here; vLLM's own "auto" would pick half precision)."""
-    from conftest import has_vllm
+    from conftest import diversified_copy, has_vllm
 
     from evaluate_reason import main, parse_args
 
     if not has_vllm():
         pytest.skip("vLLM is not installed")
-    model_dir = _varied_copy(tiny_qwen_dir, tmp_path / "model")
+    model_dir = diversified_copy(tiny_qwen_dir, tmp_path / "model")
     common = ["--model", str(model_dir), "--data", str(SAMPLE_VAL), "--max-examples", "6", "--temperature", "0",
               "--max-tokens", "24", "--max-model-len", "512", "--enforce-eager", "--grader-workers", "1", "--no-progress"]  # fmt: skip
     main(parse_args([*common, "--engine", "vllm", "--output", str(tmp_path / "vllm")]))

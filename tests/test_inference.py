@@ -7,12 +7,11 @@ each start costs seconds on a 2-core machine.
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import has_vllm
+from conftest import diversified_copy, has_vllm
 
 from utils.inference import (Completion, HFEngine, SamplingConfig, check_vllm_matches_policy, find_stop, make_engine,
                              policy_state_dict, sample_next_token)  # fmt: skip
@@ -25,34 +24,14 @@ PROMPTS = [
 ]
 
 
-def _diversify(src: Path, dst: Path, std: float = 0.15, seed: int = 1) -> Path:
-    """Copy a tiny model folder with its matrices redrawn at std 0.15.
-
-    The fixtures' 0.02-std init gives near-uniform next-token distributions: greedy decoding repeats one token, so
-    stop strings, batching and weight sync could not be told apart. Larger weights give varied text.
-    """
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, std, generator=gen)
-    model.save_pretrained(dst)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, dst / name)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def qwen_dir(tiny_qwen_dir, tmp_path_factory) -> Path:
-    return _diversify(tiny_qwen_dir, tmp_path_factory.mktemp("qwen_varied"))
+    return diversified_copy(tiny_qwen_dir, tmp_path_factory.mktemp("qwen_varied"))
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    return _diversify(tiny_llama_dir, tmp_path_factory.mktemp("llama_varied"))
+    return diversified_copy(tiny_llama_dir, tmp_path_factory.mktemp("llama_varied"))
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +240,7 @@ def pair(request, tmp_path_factory, tiny_qwen_dir, tiny_llama_dir):
     if not has_vllm():
         pytest.skip("vLLM is not installed (pip install -r requirements-cpu.txt)")
     src = tiny_qwen_dir if request.param == "qwen2" else tiny_llama_dir
-    model_dir = _diversify(src, tmp_path_factory.mktemp(f"{request.param}_vllm"))
+    model_dir = diversified_copy(src, tmp_path_factory.mktemp(f"{request.param}_vllm"))
     policy = _load(model_dir)
     _edit(policy)
     # From a live module: vLLM loads its folder, then takes the module's current weights (Qwen2: tied lm_head;
