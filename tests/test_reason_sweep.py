@@ -17,6 +17,7 @@ def _load():
 
 
 def test_sweep_runs_summarizes_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training runs are subprocesses: one thread on a shared 2-core box
     sweep = _load()
     argv = ["--train-files", "data/demo/train.jsonl", "--labels", "demo", "--sizes", "16", "-1",
             "--output-dir", str(tmp_path), "--", "--preset", "demo", "--max-steps", "2", "--eval-every", "2",
