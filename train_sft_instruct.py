@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.training import add_run_flags, parse_with_presets
+from utils.training import add_run_flags, add_speed_flags, parse_with_presets
 
 PRESETS = {
     "demo": dict(
@@ -66,9 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-steps", type=int, default=-1, help="optimizer steps when --epochs is -1")
     g.add_argument("--precision", choices=["auto", "fp32", "mixed", "bf16"], default="auto",
                    help="auto = mixed on CUDA, fp32 on CPU; mixed = fp32 master weights + bf16 compute; bf16 = pure bf16 weights (AdamW updates below bf16 resolution round away)")
-    g.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk for the lm-head log-softmax (0 = plain)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    add_speed_flags(g)
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=200, help="steps between test-loss evals (also at step 0 and the end; -1 = never)")
     g.add_argument("--eval-max-rows", type=int, default=512, help="test rows per eval (-1 = all)")
@@ -92,20 +90,21 @@ def check_args(args: argparse.Namespace) -> None:
                              "(download: python play-scripts/data-scripts/download_data.py --only sft-instruct)")
 
 
-def rows_to_batch(dataset, rows: list[int], packing: str) -> dict:
-    """Stack dataset rows into a micro-batch; `doc` packing adds per-document positions and a block-causal mask."""
+def rows_to_batch(dataset, rows: list[int], packing: str, attention: str) -> dict:
+    """Stack dataset rows into a micro-batch; `doc` packing adds per-document positions and what the `attention`
+    backend needs to keep attention inside documents (`utils.doc_attention.packed_model_inputs`)."""
     import torch
 
+    from utils.doc_attention import packed_model_inputs
     from utils.instruct_dataset import IGNORE_INDEX
-    from utils.packing import document_causal_mask
 
     items = [dataset[i] for i in rows]
     labels = torch.stack([it["labels"] for it in items])
     batch = {"input_ids": torch.stack([it["input_ids"] for it in items]), "labels": labels,
              "response_mask": labels != IGNORE_INDEX}
     if packing == "doc":
-        batch["position_ids"] = torch.stack([it["position_ids"] for it in items])
-        batch["attention_mask"] = document_causal_mask(torch.stack([it["document_ids"] for it in items]))
+        batch.update(packed_model_inputs(torch.stack([it["position_ids"] for it in items]),
+                                         torch.stack([it["document_ids"] for it in items]), attention))
     return batch
 
 
@@ -117,7 +116,7 @@ def evaluate_loss(model, dataset, args, info, precision) -> dict:
     n = len(dataset) if args.eval_max_rows < 0 else min(len(dataset), args.eval_max_rows)
     n -= n % info.world_size
     rows = list(range(info.rank, n, info.world_size))
-    batches = (rows_to_batch(dataset, rows[i : i + args.micro_batch_size], args.packing)
+    batches = (rows_to_batch(dataset, rows[i : i + args.micro_batch_size], args.packing, args.attention)
                for i in range(0, len(rows), args.micro_batch_size))
     out = teacher_forced_eval(model, batches, precision, args.chunk_size)
     nll, ent, tokens = all_reduce_sum([out["nll_sum"], out["entropy_sum"], out["response_tokens"]], info)
@@ -132,13 +131,14 @@ def main(args: argparse.Namespace) -> dict:
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
     from utils.metrics_logger import MetricsLogger, format_step_line
-    from utils.training import (NonFiniteLossError, build_optimizer, gpu_step_metrics, latest_checkpoint, load_checkpoint, load_policy,
+    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, gpu_step_metrics, latest_checkpoint, load_checkpoint, load_policy,
                                 lr_at_step, model_dtype_for, resolve_precision, save_checkpoint, train_step)
 
     check_args(args)
     info = D.init_distributed(pick_device(args.device))
     device = info.device
     precision = resolve_precision(args.precision, device)
+    check_speed_flags(args, device)
     run_name = args.run_name or f"instruct_{Path(args.model).name}_{'mask' if args.mask_prompt else 'nomask'}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = Path(args.output_dir) / run_name
     if info.is_main:
@@ -157,7 +157,8 @@ def main(args: argparse.Namespace) -> dict:
         load_policy(args.model, run_dir, "llama", texts, torch.float32, "cpu", args.seed, build_model=False)
     D.barrier(info)
     model, tokenizer, model_path = load_policy(args.model, run_dir, "llama", texts, model_dtype_for(precision), device,
-                                               args.seed, args.gradient_checkpointing)
+                                               args.seed, args.gradient_checkpointing, attention=args.attention,
+                                               liger=args.liger)
     template = load_prompt(args.template)
     ds_kwargs = dict(seq_length=args.seq_length, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
                      cache_dir=args.cache_dir or None)
@@ -174,6 +175,8 @@ def main(args: argparse.Namespace) -> dict:
         f"{rows_per_step} ({rows_per_step * args.seq_length} tokens); {steps} steps; packing {args.packing}; "
         f"precision {precision} on {device}")
 
+    if args.compile:
+        say(f"compile: {compile_decoder_layers(model)} decoder layers (torch.compile, first steps are slow)")
     if info.enabled:
         D.shard_model(model, info, precision)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
@@ -187,14 +190,13 @@ def main(args: argparse.Namespace) -> dict:
     logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None) if info.is_main else None
     if logger is not None and resume_from is not None:
         logger.truncate_after(start_step)
-    train_model = torch.compile(model) if args.compile else model
 
     def log(metrics, step):
         if logger is not None:
             logger.log(metrics, step)
 
     def run_eval(step):
-        m = evaluate_loss(train_model, test_ds, args, info, precision)
+        m = evaluate_loss(model, test_ds, args, info, precision)
         say(f"eval step {step:05d} | test loss {m['eval/test_loss']:.4f} | {int(m['eval/test_tokens'])} tokens", flush=True)
         log(m, step)
         return m
@@ -218,11 +220,11 @@ def main(args: argparse.Namespace) -> dict:
     try:
         for step in range(start_step + 1, steps + 1):
             rows = stream.indices((step - 1) * rows_per_step, rows_per_step)[info.rank * local_rows : (info.rank + 1) * local_rows]
-            micro = [rows_to_batch(train_ds, rows[i : i + args.micro_batch_size], args.packing)
+            micro = [rows_to_batch(train_ds, rows[i : i + args.micro_batch_size], args.packing, args.attention)
                      for i in range(0, local_rows, args.micro_batch_size)]
             lr = lr_at_step(step - 1, args.lr, args.lr_schedule, steps, int(args.warmup_ratio * steps), args.min_lr)
             try:
-                stats = train_step(train_model, optimizer, micro, lr, "step_tokens", grad_clip=args.grad_clip,
+                stats = train_step(model, optimizer, micro, lr, "step_tokens", grad_clip=args.grad_clip,
                                    precision=precision, chunk_size=args.chunk_size, dist_info=info)
             except NonFiniteLossError as e:
                 raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none saved yet'}")

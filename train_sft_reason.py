@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.training import add_run_flags, parse_with_presets
+from utils.training import add_run_flags, add_speed_flags, parse_with_presets
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
@@ -78,9 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--packing", choices=["none", "bfd"], default="none",
                    help="none = padded micro-batches of --micro-batch-size (the reference); bfd = each step's examples best-fit packed into rows of --pack-tokens with attention and positions restarting per example (same objective, no padding; --micro-batch-size/--gradient-accumulation-steps then only set examples/step)")
     g.add_argument("--pack-tokens", type=int, default=4096, help="token budget of a packed row (>= --max-seq-len)")
-    g.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk for the lm-head log-softmax (0 = plain; >0 avoids B x T x V fp32 logits)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    add_speed_flags(g)
     g = p.add_argument_group("validation")
     g.add_argument("--eval-every", type=int, default=10, help="steps between evals (also before step 1 and after the last; -1 = never)")
     g.add_argument("--val-size", type=int, default=1000, help="fixed random subset of the val file (-1 = all)")
@@ -127,12 +125,13 @@ def main(args: argparse.Namespace) -> dict:
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.reason_validation import ReasonValidator
-    from utils.training import (NonFiniteLossError, build_optimizer, gpu_step_metrics, latest_checkpoint, load_checkpoint, load_policy, lr_at_step,
+    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, gpu_step_metrics, latest_checkpoint, load_checkpoint, load_policy, lr_at_step,
                                 model_dtype_for, resolve_precision, save_checkpoint, train_step)
 
     check_args(args)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
+    check_speed_flags(args, device)
     run_name = args.run_name or f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = check_writable_dir(Path(args.output_dir) / run_name, "--output-dir")
     ckpt_dir = run_dir / "checkpoints"
@@ -149,7 +148,8 @@ def main(args: argparse.Namespace) -> dict:
 
     # ---- model
     model, tokenizer, model_path = load_policy(args.model, run_dir, "qwen2", prompts + responses, model_dtype_for(precision),
-                                               device, args.seed, args.gradient_checkpointing)
+                                               device, args.seed, args.gradient_checkpointing, attention=args.attention,
+                                               liger=args.liger)
     kept, lengths = drop_overlong(prompts, responses, tokenizer, args.max_seq_len)
     n_dropped = len(prompts) - len(kept)
     prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
@@ -171,7 +171,8 @@ def main(args: argparse.Namespace) -> dict:
     logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None)
     if resume_from is not None:
         logger.truncate_after(start_step)
-    train_model = torch.compile(model) if args.compile else model
+    if args.compile:
+        print(f"compile: {compile_decoder_layers(model)} decoder layers (torch.compile, first steps are slow)")
 
     validator = ReasonValidator(args, model, tokenizer, val_records, template, run_dir, device, precision)
     if start_step == 0 and args.eval_every > 0:
@@ -185,12 +186,12 @@ def main(args: argparse.Namespace) -> dict:
             idx = stream.indices((step - 1) * batch, batch)
             if args.packing == "bfd":
                 micro = make_packed_micro_batches(prompts, responses, idx, tokenizer, args.pack_tokens,
-                                                  args.loss_normalization, args.normalize_constant)
+                                                  args.loss_normalization, args.normalize_constant, args.attention)
             else:
                 micro = make_micro_batches(prompts, responses, idx, args.micro_batch_size, tokenizer)
             lr = lr_at_step(step - 1, args.lr, args.lr_schedule, steps, warmup, args.lr * args.min_lr_ratio)
             try:
-                stats = train_step(train_model, optimizer, micro, lr, args.loss_normalization, args.normalize_constant,
+                stats = train_step(model, optimizer, micro, lr, args.loss_normalization, args.normalize_constant,
                                    args.grad_clip, precision, args.chunk_size)
             except NonFiniteLossError as e:
                 raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none (no checkpoint saved yet)'}")

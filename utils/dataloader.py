@@ -118,13 +118,14 @@ def make_packed_micro_batches(
     token_budget: int,
     normalization: str = "per_example",
     normalize_constant: float = 1.0,
+    attention: str = "varlen",
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenize the step's examples one by one (no padding) and pack them with `pack_examples`."""
     examples = []
     for i in indices:
         one = tokenize_prompt_and_output([prompts[i]], [responses[i]], tokenizer)  # batch of 1: no padding
         examples.append({k: v[0] for k, v in one.items()})
-    return pack_examples(examples, token_budget, tokenizer.pad_token_id, normalization, normalize_constant)
+    return pack_examples(examples, token_budget, tokenizer.pad_token_id, normalization, normalize_constant, attention)
 
 
 def pack_examples(
@@ -133,9 +134,10 @@ def pack_examples(
     pad_id: int,
     normalization: str = "per_example",
     normalize_constant: float = 1.0,
+    attention: str = "varlen",
 ) -> list[dict[str, torch.Tensor]]:
     """Pack one step's examples into rows of at most `token_budget` tokens (best-fit decreasing), one row per
-    micro-batch, with per-example positions, a block-diagonal causal mask and per-token loss weights.
+    micro-batch, with per-example positions, attention kept inside examples and per-token loss weights.
 
     Padding-free packing changes speed, not the objective: the weights reproduce the padded path's normalization
     over the whole step (see `utils.post_train.weighted_nll_train_step`), and attention never crosses examples.
@@ -146,12 +148,15 @@ def pack_examples(
         token_budget: max tokens per row.
         pad_id: padding id (rows are not padded: each row is its own micro-batch).
         normalization, normalize_constant: as in `utils.post_train.sft_microbatch_train_step`.
+        attention: the model's attention backend (`utils.doc_attention.ATTENTION_BACKENDS`).
 
     Returns:
-        micro-batches of one row: `input_ids`, `labels`, `response_mask`, `position_ids` (1, T), `attention_mask`
-        (1, 1, T, T) bool, `loss_weights` (1, T) float32.
+        micro-batches of one row: `input_ids`, `labels`, `response_mask`, `loss_weights` (1, T) float32, and
+        `utils.doc_attention.packed_model_inputs` for `attention` (`position_ids` (1, T) plus varlen boundaries or
+        a (1, 1, T, T) mask).
     """
-    from utils.packing import collate_packed, document_causal_mask, pack_best_fit_decreasing
+    from utils.doc_attention import packed_model_inputs
+    from utils.packing import collate_packed, pack_best_fit_decreasing
 
     lengths = [len(ex["input_ids"]) for ex in examples]
     counts = torch.tensor([int(ex["response_mask"].sum()) for ex in examples], dtype=torch.float64)
@@ -169,6 +174,6 @@ def pack_examples(
         row = collate_packed(examples, [members], pad_id)
         ex_idx = row.pop("example_index")
         row["loss_weights"] = torch.where(ex_idx >= 0, per_example_weight[ex_idx.clamp(min=0)], 0.0).float()
-        row["attention_mask"] = document_causal_mask(row.pop("document_ids"))
+        row.update(packed_model_inputs(row.pop("position_ids"), row.pop("document_ids"), attention))
         out.append(row)
     return out

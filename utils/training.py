@@ -18,12 +18,14 @@ from typing import Iterable
 
 import torch
 
+from utils.doc_attention import set_attention_backend
 from utils.post_train import (LossNormalization, get_response_log_probs, masked_normalize, sft_microbatch_train_step,
                               weighted_nll_train_step)
 
 PRECISIONS = ("auto", "fp32", "mixed", "bf16")
 SCHEDULES = ("constant", "cosine", "linear")
-MODEL_INPUT_KEYS = ("position_ids", "attention_mask")  # micro-batch keys passed through to the model
+# micro-batch keys passed through to the model (the cu_seq_lens / max_length ones: `utils.doc_attention`)
+MODEL_INPUT_KEYS = ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,6 +43,30 @@ def add_run_flags(group) -> None:
     group.add_argument("--wandb-project", default="", help="mirror metrics to this wandb project (empty = local only)")
     group.add_argument("--peak-tflops", type=float, default=989.0,
                        help="accelerator bf16 dense peak for MFU on CUDA (H100/H200 SXM: 989)")
+
+
+def add_speed_flags(group) -> None:
+    """Flags both train scripts share that change speed and memory, not the objective."""
+    from utils.doc_attention import ATTENTION_BACKENDS
+
+    group.add_argument("--attention", choices=ATTENTION_BACKENDS, default="varlen",
+                       help="attention inside documents of packed rows: varlen = flash varlen kernel on CUDA (one SDPA call per document elsewhere); sdpa = block-diagonal (T, T) mask; flex = FlexAttention (CUDA only)")
+    group.add_argument("--chunk-size", type=int, default=0,
+                       help="tokens per chunk for the lm-head log-softmax (0 = plain; >0 avoids B x T x V fp32 logits)")
+    group.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    group.add_argument("--liger", action="store_true",
+                       help="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; pip install liger-kernel)")
+
+
+def check_speed_flags(args, device: str) -> None:
+    """Refuse --attention flex and --liger off CUDA before any model loads (neither has a CPU training path)."""
+    if not device.startswith("cuda"):
+        if args.attention == "flex":
+            raise SystemExit(f"--attention flex needs CUDA (PyTorch has no FlexAttention backward on CPU); device is "
+                             f"{device}: use --attention varlen")
+        if args.liger:
+            raise SystemExit(f"--liger needs CUDA (Liger's kernels are Triton); device is {device}")
 
 
 def gpu_step_metrics(n_params: int, tokens_per_s: float, peak_tflops: float) -> dict[str, float]:
@@ -112,6 +138,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
 
 
 # ----------------------------------------------------------------------------------------------------------- the step
+def to_device(micro_batch: dict, device) -> dict:
+    """Tensors moved to `device`; other values (the ints `max_length_q/k`) kept as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in micro_batch.items()}
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -163,7 +194,7 @@ def train_step(
     loss_sum = nll_sum = ent_sum = 0.0
     resp_tokens = tokens = examples = 0
     for mb in micro_batches:
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        mb = to_device(mb, device)
         extra = {k: mb[k] for k in MODEL_INPUT_KEYS if k in mb}
         with autocast_context(precision, device.type):
             out = get_response_log_probs(
@@ -237,7 +268,7 @@ def teacher_forced_eval(
     nll = ent = 0.0
     n = 0
     for mb in micro_batches:
-        mb = {k: v.to(device) for k, v in mb.items()}
+        mb = to_device(mb, device)
         extra = {k: mb[k] for k in MODEL_INPUT_KEYS if k in mb}
         with autocast_context(precision, device.type):
             out = get_response_log_probs(
@@ -254,10 +285,13 @@ def teacher_forced_eval(
 # ----------------------------------------------------------------------------------------------------------- model
 def load_policy(
     model_name: str, run_dir: Path, family: str, texts: list[str], dtype: torch.dtype, device: str, seed: int,
-    gradient_checkpointing: bool = False, build_model: bool = True,
+    gradient_checkpointing: bool = False, build_model: bool = True, attention: str = "varlen", liger: bool = False,
 ):
     """The policy and tokenizer from a hub id or folder; `tiny` builds a fresh tiny model of `family` and a BPE
     tokenizer trained on `texts` once, saved under `<run_dir>/base_model` (so vLLM and later evals can load it).
+
+    The model's attention is set to `attention` (see `utils.doc_attention`; packed micro-batches must be built for
+    the same backend) and, with `liger`, Liger's kernels replace its RMSNorm, SwiGLU and RoPE.
 
     Returns (model or None when `build_model` is False, tokenizer, model_path). A tokenizer without a pad token gets
     its eos as pad (padding never counts in the loss).
@@ -284,10 +318,50 @@ def load_policy(
     model = None
     if build_model:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        set_attention_backend(model, attention, device)
+        if liger:
+            apply_liger_kernels(model)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
     return model, tokenizer, model_path
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place (`nn.Module.compile`); returns how many.
+
+    Per layer rather than the whole model: the chunked lm-head path calls the decoder directly (a compiled wrapper
+    around the whole model would be bypassed there), all layers share one compiled graph, and state-dict keys stay
+    free of `_orig_mod.`. Apply before FSDP sharding, as torchtitan does.
+    """
+    layers = model.get_decoder().layers
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def apply_liger_kernels(model) -> None:
+    """Liger's Triton kernels for RMSNorm, SwiGLU and RoPE in a Qwen2 or Llama `model` on CUDA.
+
+    The loss stays ours (plain or chunked log-probs): Liger's fused linear cross-entropy returns neither per-token
+    log-probs nor entropies and has no per-token weights, which per-example normalization needs. Liger swaps
+    functions and classes in transformers' modeling module, so models of the same family built later in this
+    process get its kernels too.
+
+    Raises:
+        SystemExit: liger-kernel not installed, the model not on CUDA, or a model type Liger is not wired for here.
+    """
+    if not next(model.parameters()).is_cuda:
+        raise SystemExit("--liger: Liger's Triton kernels need a CUDA device")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
+    except ImportError as e:
+        raise SystemExit(f"--liger: liger-kernel does not import ({e}); pip install liger-kernel") from e
+    apply = {"qwen2": apply_liger_kernel_to_qwen2, "llama": apply_liger_kernel_to_llama}.get(model.config.model_type)
+    if apply is None:
+        raise SystemExit(f"--liger: model type {model.config.model_type!r} is not wired up (qwen2, llama)")
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    print(f"liger: RMSNorm, SwiGLU and RoPE kernels applied to the {model.config.model_type} model")
 
 
 # ----------------------------------------------------------------------------------------------------------- checkpoints

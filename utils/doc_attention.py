@@ -1,0 +1,260 @@
+"""Attention kept inside documents for packed rows: three backends behind one flag (`--attention`).
+
+- `varlen` (default): a transformers attention function registered as "sft_varlen". Packed micro-batches carry
+  `cu_seq_lens_q/k` (int32 document boundaries over the flattened B*T tokens) and `max_length_q/k`; each layer runs
+  PyTorch's flash-attention varlen kernel (`torch.nn.attention.varlen.varlen_attn`, CUDA, bf16/fp16) or, elsewhere,
+  causal SDPA once per document. Work and memory grow with sum(n_i^2), never T^2. Calls without boundaries (padded
+  batches, generation) run transformers' own SDPA path, so the same model serves every caller.
+- `sdpa`: a (B, 1, T, T) block-diagonal causal mask (`utils.packing.document_causal_mask`) to SDPA: the reference
+  the others are tested against; the mask is O(T^2) and SDPA computes every masked-out block.
+- `flex`: transformers' FlexAttention, which builds a block mask from the restarting `position_ids` and skips empty
+  blocks. PyTorch has no FlexAttention backward on CPU, so this backend needs CUDA for training.
+
+Every backend also restarts RoPE positions at each document (`position_ids`), so a packed document sees exactly what
+it would see alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+
+ATTENTION_BACKENDS = ("varlen", "sdpa", "flex")
+VARLEN_IMPLEMENTATION = "sft_varlen"  # the name registered with transformers' AttentionInterface
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+_notes: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _notes:
+        _notes.add(message)
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- inputs
+def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document boundaries over the flattened rows, as varlen kernels take them.
+
+    A segment is a maximal run of one `document_ids` value within a row; every row starts a new segment, so a
+    document never spans rows and a row's padding (-1) is a segment of its own.
+
+    Args:
+        document_ids: (B, T) integer.
+
+    Returns:
+        (cu_seqlens, max_len): int32 (N + 1,) offsets into the B*T flattened tokens, starting at 0 and ending at B*T,
+        and the longest segment's length (a Python int: kernels take it as a launch size).
+    """
+    if document_ids.ndim != 2 or document_ids.shape[1] == 0:
+        raise ValueError(f"document_ids must be (B, T) with T >= 1, got {tuple(document_ids.shape)}")
+    B, T = document_ids.shape
+    starts = torch.ones((B, T), dtype=torch.bool, device=document_ids.device)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    offsets = starts.reshape(-1).nonzero().squeeze(-1)
+    total = torch.tensor([B * T], device=document_ids.device)
+    cu = torch.cat([offsets, total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """As `cu_seqlens_from_document_ids`, with a new segment wherever the position does not grow by one (the
+    convention of transformers' packed-sequence detection)."""
+    if position_ids.ndim != 2 or position_ids.shape[1] == 0:
+        raise ValueError(f"position_ids must be (B, T) with T >= 1, got {tuple(position_ids.shape)}")
+    new_segment = torch.ones_like(position_ids, dtype=torch.bool)
+    new_segment[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return cu_seqlens_from_document_ids(new_segment.long().cumsum(-1))
+
+
+def packed_model_inputs(position_ids: torch.Tensor, document_ids: torch.Tensor, attention: str) -> dict:
+    """What a packed micro-batch passes to the model besides `input_ids`, for the chosen backend.
+
+    Args:
+        position_ids: (B, T) int64, restarting at 0 at each document (RoPE positions).
+        document_ids: (B, T) int64, equal within a document; padding has its own id (e.g. -1).
+        attention: one of ATTENTION_BACKENDS.
+
+    Returns:
+        `position_ids`, plus: varlen → `cu_seq_lens_q/k` (int32) and `max_length_q/k` (int); sdpa → `attention_mask`
+        (B, 1, T, T) bool; flex → nothing more (transformers derives the block mask from the positions, so they must
+        restart at every document boundary, padding included, as `utils.packing.collate_packed` writes them).
+    """
+    from utils.packing import document_causal_mask
+
+    out: dict = {"position_ids": position_ids}
+    if attention == "varlen":
+        cu, max_len = cu_seqlens_from_document_ids(document_ids)
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+    elif attention == "sdpa":
+        out["attention_mask"] = document_causal_mask(document_ids)
+    elif attention == "flex":
+        derived, _ = cu_seqlens_from_position_ids(position_ids)
+        expected, _ = cu_seqlens_from_document_ids(document_ids)
+        if not torch.equal(derived, expected):
+            raise ValueError("flex attention finds documents where position_ids restart, but these position_ids do "
+                             "not restart at every document_ids boundary")
+    else:
+        raise ValueError(f"unknown attention backend {attention!r}; choose from {ATTENTION_BACKENDS}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- kernels
+def sdpa_per_document(query, key, value, cu_seqlens: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention inside each segment, one SDPA call per segment: the portable varlen path.
+
+    Args:
+        query: (N, H, D); key, value: (N, H_kv, D) with H a multiple of H_kv (grouped-query attention).
+        cu_seqlens: (S + 1,) segment offsets into N.
+        scale: softmax scale (None = 1/sqrt(D)).
+
+    Returns:
+        (N, H, D).
+    """
+    bounds = cu_seqlens.tolist()
+    out = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # (1, heads, n, D)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                             enable_gqa=k.shape[1] != q.shape[1])
+        out.append(o.squeeze(0).transpose(0, 1))
+    return torch.cat(out)
+
+
+@lru_cache(maxsize=None)
+def _torch_varlen():
+    """PyTorch's varlen flash-attention function and how to ask it for causal / GQA, or None (torch < 2.10).
+
+    torch 2.10 takes `is_causal=True`; later releases take `window_size=(-1, 0)` and have `enable_gqa`.
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, varlen_call_options(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_call_options(parameters) -> dict:
+    """Keyword arguments that make `varlen_attn` causal, whether it can share KV heads (GQA) itself, and whether
+    it takes a softmax scale.
+
+    Args:
+        parameters: the names of `varlen_attn`'s parameters.
+
+    Returns:
+        {"causal": {kwarg: value}, "gqa": bool, "scale": bool}.
+
+    Raises:
+        RuntimeError: a signature with neither causal switch (an API this code does not know).
+    """
+    if "window_size" in parameters:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in parameters:
+        causal = {"is_causal": True}
+    else:
+        raise RuntimeError(f"torch's varlen_attn takes neither window_size nor is_causal: {list(parameters)}")
+    return {"causal": causal, "gqa": "enable_gqa" in parameters, "scale": "scale" in parameters}
+
+
+def _flash_capable(query: torch.Tensor) -> bool:
+    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+
+
+def varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
+    """Causal attention inside each segment: PyTorch's flash varlen kernel on CUDA in bf16/fp16, else
+    `sdpa_per_document`. Shapes as `sdpa_per_document`."""
+    kernel = _torch_varlen()
+    if not (_flash_capable(query) and kernel is not None):
+        if query.is_cuda:
+            why = "torch has no varlen_attn" if kernel is None else f"{query.dtype} inputs"
+            _say_once(f"varlen attention: one SDPA call per document ({why}; the flash varlen kernel needs bf16/fp16)")
+        return sdpa_per_document(query, key, value, cu_seqlens, scale)
+    fn, options = kernel
+    if key.shape[1] != query.shape[1] and not options["gqa"]:
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    extra = {"enable_gqa": True} if options["gqa"] and key.shape[1] != query.shape[1] else {}
+    if options["scale"]:
+        extra["scale"] = scale
+    elif scale is not None:  # the kernel applies 1/sqrt(D): fold the wanted scale into the queries
+        query = query * (scale * query.shape[-1] ** 0.5)
+    cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
+    return fn(query, key, value, cu, cu, max_len, max_len, **options["causal"], **extra)
+
+
+# ----------------------------------------------------------------------------------------------------------- transformers
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function for "sft_varlen": (B, H, T, D) inputs -> ((B, T, H, D), None).
+
+    With `cu_seq_lens_q` in kwargs (packed micro-batches) attention stays inside those segments and
+    `attention_mask` is not used. Without them, packed `position_ids` and no mask still get per-document attention
+    (segments found from the positions, which costs a device sync per layer); anything else goes to transformers'
+    SDPA function with the mask transformers built, so padded batches and cached generation behave as under "sdpa".
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    B, H, T, D = query.shape
+    if cu is None:
+        position_ids = kwargs.get("position_ids")
+        same_length = key.shape[2] == T and T > 1
+        if attention_mask is None and position_ids is not None and same_length:
+            cu, max_len = cu_seqlens_from_position_ids(position_ids.expand(B, -1))
+            if len(cu) == B + 1:  # one sequence per row: plain causal attention
+                cu = None
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if dropout > 0.0 and module.training:
+        raise NotImplementedError("sft_varlen attention has no attention dropout (Qwen2 and Llama train without)")
+    if key.shape[2] != T:
+        raise ValueError(f"varlen attention needs as many keys as queries ({key.shape[2]} vs {T}); no KV cache")
+    device_type = query.device.type
+    # Under autocast RoPE's fp32 cos/sin promote q and k back to fp32; SDPA would be cast to bf16 by autocast, so
+    # cast the same way here (the flash varlen kernel takes bf16/fp16 only).
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+    flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D).to(dtype)  # noqa: E731  (B, h, T, D) -> (B*T, h, D)
+    out = varlen_attention(flat(query), flat(key), flat(value), cu, int(max_len), scaling)
+    return out.reshape(B, T, H, D), None
+
+
+def _varlen_mask(*args, attention_mask=None, **kwargs):
+    """Mask builder for "sft_varlen": none without a padding mask (segments or causality are handled in the
+    attention function), transformers' SDPA mask otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen_attention() -> None:
+    """Register "sft_varlen" with transformers (its public extension point; repeated calls are harmless)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_IMPLEMENTATION, _varlen_mask)
+
+
+def set_attention_backend(model, attention: str, device: str) -> None:
+    """Point `model`'s attention at the backend that `packed_model_inputs(..., attention)` feeds.
+
+    The choice is not saved with the model: `save_pretrained` writes no attention implementation, so vLLM and later
+    loads are unaffected.
+
+    Raises:
+        ValueError: an unknown backend, or `flex` off CUDA (PyTorch has no FlexAttention backward on CPU).
+    """
+    if attention == "varlen":
+        register_varlen_attention()
+        model.set_attn_implementation(VARLEN_IMPLEMENTATION)
+    elif attention == "sdpa":
+        model.set_attn_implementation("sdpa")
+    elif attention == "flex":
+        if not str(device).startswith("cuda"):
+            raise ValueError("--attention flex needs CUDA (PyTorch has no FlexAttention backward on CPU); use varlen")
+        model.set_attn_implementation("flex_attention")
+    else:
+        raise ValueError(f"unknown attention backend {attention!r}; choose from {ATTENTION_BACKENDS}")
