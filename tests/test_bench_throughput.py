@@ -17,20 +17,32 @@ def _load():
     return mod
 
 
-def test_bench_tiny_shape_packed_equals_padded(tmp_path):
+def test_bench_tiny_shape_packed_equals_padded(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "bench.json"
+    names = ["padded", "packed+chunked+liger", "packed-mask", "packed", "packed+chunked", "packed-flex+chunked"]
     rows = bench.main(["--shape", "tiny", "--steps", "3", "--examples-per-step", "6", "--length-scale", "0.1",
                        "--max-len", "256", "--pack-tokens", "400", "--device", "cpu", "--output", str(out),
-                       "--configs", "padded,packed,packed+chunked"])
-    assert [r["config"] for r in rows] == ["padded", "packed", "packed+chunked"]
+                       "--configs", ",".join(names)])
+    assert [r["config"] for r in rows] == ["padded", "packed-mask", "packed", "packed+chunked"]
+    printed = capsys.readouterr().out
+    assert "skip packed-flex+chunked: flex needs CUDA" in printed and "skip packed+chunked+liger: liger needs" in printed
     for r in rows[1:]:
         # three steps of AdamW on the same examples: same objective, same trajectory
         assert r["first_loss"] == pytest.approx(rows[0]["first_loss"], abs=1e-5)
         assert r["last_loss"] == pytest.approx(rows[0]["last_loss"], abs=1e-4)
         assert r["tokens_per_s"] > 0
     saved = json.loads(out.read_text())
-    assert saved["meta"]["shape"] == "tiny" and len(saved["results"]) == 3
+    assert saved["meta"]["shape"] == "tiny" and len(saved["results"]) == 4
+    assert set(saved["meta"]["skipped"]) == {"packed-flex+chunked", "packed+chunked+liger"}
+
+
+def test_bench_runs_liger_rows_last():
+    """Liger patches transformers' modules process-wide: no row after it may be measured without it."""
+    bench = _load()
+    names = ["trl-packing-liger", "padded", "packed+chunked+liger+compile", "trl-default", "packed"]
+    assert bench.run_order(names) == ["padded", "trl-default", "packed", "trl-packing-liger",
+                                      "packed+chunked+liger+compile"]
 
 
 def test_bench_synthetic_lengths_follow_the_issue():
@@ -87,3 +99,18 @@ def test_bench_trl_rows_count_every_real_token_once(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert [r["config"] for r in saved["results"]] == ["padded", "trl-default", "trl-packing", "trl-packing-nogc"]
     assert saved["meta"]["versions"]["trl"] == "1.16.0"
+
+
+def test_gpu_script_names_only_known_configs():
+    """gpu_bench.sh runs where every minute counts: a misspelt config there would only show on the GPU."""
+    import re
+
+    bench = _load()
+    script = (REPO / "play-scripts/bench-scripts/gpu_bench.sh").read_text()
+    lists = re.findall(r"--configs (\S+)", script)
+    assert len(lists) == 4
+    names = [n for lst in lists for n in lst.split(",")]
+    assert set(names) <= set(bench.CONFIGS) | set(bench.TRL_CONFIGS)
+    # every config is timed on the full shape in some stage
+    full = [n for lst in lists[1:] for n in lst.split(",")]
+    assert set(full) == set(bench.CONFIGS) | set(bench.TRL_CONFIGS)

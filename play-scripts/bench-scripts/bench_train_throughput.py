@@ -9,6 +9,13 @@ tokens, sequence capped at 2048, loss on response tokens only; random weights of
 configurations each train a fresh copy of the same model on the same examples, so the loss after step 1 must agree
 (packing changes speed, not the objective): the table prints it and the script fails if they differ.
 
+Our configurations (CONFIGS) map to the trainers' flags: `padded` is the reference loop (micro-batches of 4, fp32
+log-softmax over the full vocabulary); `packed-mask` packs rows of --pack-tokens with a (T, T) block mask;
+`packed` uses varlen attention (`--attention varlen`: flash varlen kernel on CUDA); `+chunked` computes the
+lm-head log-softmax 4,096 tokens at a time; `flex` is FlexAttention; `+compile` is torch.compile of each decoder layer;
+`+liger` swaps in Liger's RMSNorm / SwiGLU / RoPE kernels. flex and liger rows need CUDA (skipped with a printed
+reason elsewhere); liger rows run last because Liger patches transformers' modules for the whole process.
+
 tokens/s counts real (non-padding) tokens. TFLOP/s = 6 x parameters x tokens / time (matmul FLOPs of forward +
 backward, attention and recomputation excluded); MFU = TFLOP/s / --peak-tflops.
 
@@ -47,11 +54,19 @@ SHAPES = {
     "tiny": dict(family="qwen2", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256,
                  vocab_size=1000),
 }
+# Our step under each configuration: the trainers' flags --packing, --attention, --chunk-size, --compile, --liger.
 CONFIGS = {
-    "padded": dict(packing="none", chunk_size=0),  # the reference implementation's loop
-    "packed": dict(packing="bfd", chunk_size=0),
-    "packed+chunked": dict(packing="bfd", chunk_size=4096),
+    "padded": dict(packing="none", attention="sdpa", chunk_size=0),  # the reference implementation's loop
+    "packed-mask": dict(packing="bfd", attention="sdpa", chunk_size=0),  # (T, T) block mask: O(T^2)
+    "packed": dict(packing="bfd", attention="varlen", chunk_size=0),
+    "packed+chunked": dict(packing="bfd", attention="varlen", chunk_size=4096),
+    "packed-flex+chunked": dict(packing="bfd", attention="flex", chunk_size=4096),
+    "packed+chunked+compile": dict(packing="bfd", attention="varlen", chunk_size=4096, compile=True),
+    "packed+chunked+liger": dict(packing="bfd", attention="varlen", chunk_size=4096, liger=True),
+    "packed+chunked+liger+compile": dict(packing="bfd", attention="varlen", chunk_size=4096, liger=True,
+                                         compile=True),
 }
+CUDA_ONLY = ("flex", "liger")  # no FlexAttention backward and no Triton kernels on CPU
 # SFTConfig overrides per TRL row; TRL 1.16's defaults otherwise (gradient checkpointing on, bfd packing when packing).
 TRL_CONFIGS = {
     "trl-default": dict(packing=False),
@@ -95,39 +110,46 @@ def pad_batches(examples: list[dict], micro: int, pad_id: int) -> list[dict]:
     return out
 
 
-def fresh_model(shape: dict, precision: str, device: str):
-    """The shape's model with seed-0 random weights, built on `device` (identical for every config in a run)."""
+def fresh_model(shape: dict, precision: str, device: str, attention: str = "sdpa", liger: bool = False):
+    """The shape's model with seed-0 random weights, built on `device` (identical for every config in a run), with
+    the trainers' attention backend and optional Liger kernels."""
     import torch
 
+    from utils.doc_attention import set_attention_backend
     from utils.tiny_models import build_tiny_model
-    from utils.training import model_dtype_for
+    from utils.training import apply_liger_kernels, model_dtype_for
 
     spec = {k: v for k, v in shape.items() if k not in ("family", "vocab_size")}
     with torch.device(device):  # initializing 1.5B parameters on the CPU takes longer than the benchmark
         model = build_tiny_model(shape["family"], shape["vocab_size"], seed=0, tie_word_embeddings=False, **spec)
-    return model.to(device=device, dtype=model_dtype_for(precision))  # device: in case the builder ignored it
+    model = model.to(device=device, dtype=model_dtype_for(precision))  # device: in case the builder ignored it
+    set_attention_backend(model, attention, device)
+    if liger:
+        apply_liger_kernels(model)
+    return model
 
 
 def run_config(name, cfg, args, shape, steps_examples, device):
     import torch
 
     from utils.dataloader import pack_examples
-    from utils.training import build_optimizer, resolve_precision, train_step
+    from utils.training import build_optimizer, compile_decoder_layers, resolve_precision, train_step
 
     precision = resolve_precision(args.precision, device)
-    model = fresh_model(shape, precision, device)
+    model = fresh_model(shape, precision, device, cfg["attention"], cfg.get("liger", False))
     n_params = sum(p.numel() for p in model.parameters())
     opt = build_optimizer(model, args.lr, 0.0)
-    step_model = torch.compile(model) if args.compile else model
+    if cfg.get("compile"):
+        compile_decoder_layers(model)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     losses, times, real_tokens = [], [], 0
     for i, exs in enumerate(steps_examples):
         if cfg["packing"] == "bfd":
-            micro = pack_examples(exs, args.pack_tokens, 0, "per_example")
+            micro = pack_examples(exs, args.pack_tokens, 0, "per_example", attention=cfg["attention"])
         else:
             micro = pad_batches(exs, args.micro_batch_size, 0)
-        stats = train_step(step_model, opt, micro, args.lr, "per_example", grad_clip=1.0, precision=precision,
+        stats = train_step(model, opt, micro, args.lr, "per_example", grad_clip=1.0, precision=precision,
                            chunk_size=cfg["chunk_size"])
         losses.append(stats["loss"])
         if i >= args.warmup_steps:
@@ -178,6 +200,34 @@ def trl_skip_reason(cfg: dict, device: str) -> str:
     if cfg.get("use_liger_kernel") and not device.startswith("cuda"):
         return "Liger's Triton kernels need CUDA"
     return ""
+
+
+def run_order(names: list[str]) -> list[str]:
+    """`names` with the Liger rows moved to the end, order otherwise kept."""
+
+    def uses_liger(name: str) -> bool:
+        cfg = CONFIGS.get(name) or TRL_CONFIGS[name]
+        return bool(cfg.get("liger") or cfg.get("use_liger_kernel"))
+
+    return [n for n in names if not uses_liger(n)] + [n for n in names if uses_liger(n)]
+
+
+def save_results(path: str, meta: dict, rows: list[dict]) -> None:
+    if path:
+        from utils.helper_fns import write_json
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"meta": meta, "results": rows})
+
+
+def our_skip_reason(cfg: dict, device: str) -> str:
+    """Why one of our configs cannot run here ('' when it can)."""
+    if device.startswith("cuda"):
+        if cfg.get("liger") and importlib.util.find_spec("liger_kernel") is None:
+            return "liger-kernel is not installed (gpu_bench.sh installs carried wheels)"
+        return ""
+    needs = [what for what in CUDA_ONLY if cfg.get(what) or cfg.get("attention") == what]
+    return f"{' and '.join(needs)} {'need' if len(needs) > 1 else 'needs'} CUDA" if needs else ""
 
 
 def run_trl_config(name, cfg, args, shape, device):
@@ -278,17 +328,18 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--num-layers", type=int, default=-1, help="decoder layers (-1 = the shape's; fewer for checks)")
     p.add_argument("--configs", default=",".join([*CONFIGS, *TRL_CONFIGS]),
                    help=f"comma list of {list(CONFIGS)} and TRL's {list(TRL_CONFIGS)}")
-    p.add_argument("--examples-per-step", type=int, default=32)
-    p.add_argument("--steps", type=int, default=6, help="measured steps + warmup steps")
+    p.add_argument("--examples-per-step", type=int, default=84,
+                   help="our configs' examples per optimizer step (84 x 773 mean tokens ~ TRL's 4 x 8 rows of 2048)")
+    p.add_argument("--steps", type=int, default=5, help="measured steps + warmup steps")
     p.add_argument("--warmup-steps", type=int, default=1, help="steps excluded from timing (compilation, allocator)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="padded configs")
-    p.add_argument("--pack-tokens", type=int, default=16384, help="packed row budget")
+    p.add_argument("--pack-tokens", type=int, default=8192,
+                   help="packed row budget (8192 = the tokens of TRL's micro-batch of 4 x 2048, for equal peak memory)")
     p.add_argument("--trl-micro-batch-size", type=int, default=4, help="TRL rows per micro-batch (padded or packed)")
     p.add_argument("--trl-grad-accum", type=int, default=8, help="TRL micro-batches per optimizer step")
     p.add_argument("--length-scale", type=float, default=1.0, help="multiply synthetic lengths (e.g. 0.05 on CPU)")
     p.add_argument("--max-len", type=int, default=2048, help="longest sequence; TRL's max_length and packed row")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile our configs' model (not TRL's)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--device", default="auto")
@@ -298,7 +349,7 @@ def main(argv=None) -> list[dict]:
 
     import torch
 
-    from utils.helper_fns import pick_device, write_json
+    from utils.helper_fns import pick_device
 
     device = pick_device(args.device)
     shape = dict(SHAPES[args.shape])
@@ -308,6 +359,9 @@ def main(argv=None) -> list[dict]:
     unknown = [n for n in names if n not in CONFIGS and n not in TRL_CONFIGS]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}")
+    # Liger patches transformers' Qwen2/Llama modules for the whole process: its rows go last, so no other row
+    # (ours or TRL's) measures Liger's kernels by accident.
+    names = run_order(names)
     if args.pack_tokens < args.max_len:
         raise SystemExit(f"--pack-tokens {args.pack_tokens} < --max-len {args.max_len}")
     if args.steps <= args.warmup_steps:
@@ -330,10 +384,11 @@ def main(argv=None) -> list[dict]:
     rows, errors = [], []
     for name in names:
         cfg = CONFIGS.get(name) or TRL_CONFIGS[name]
-        skip = trl_skip_reason(cfg, device) if name in TRL_CONFIGS else ""
+        skip = trl_skip_reason(cfg, device) if name in TRL_CONFIGS else our_skip_reason(cfg, device)
         if skip:
             print(f"skip {name}: {skip}")
             meta["skipped"][name] = skip
+            save_results(args.output, meta, rows)
             continue
         try:
             if name in CONFIGS:
@@ -352,16 +407,14 @@ def main(argv=None) -> list[dict]:
         gc.collect()  # Trainer holds reference cycles: free the last model before the next one's peak is measured
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        if args.output:  # after every row, so a run cut off by its time limit keeps what it measured
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            write_json(args.output, {"meta": meta, "results": rows})
-    print(f"{'config':18s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} {'loss@1':>9s} {'loss@N':>9s}")
+        save_results(args.output, meta, rows)  # after every row: a run cut off by its time limit keeps what it measured
+    print(f"{'config':28s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} {'loss@1':>9s} {'loss@N':>9s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['config']:18s} {r['error']}")
+            print(f"{r['config']:28s} {r['error']}")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['config']:18s} {r['tokens_per_s']:10.0f} {r['tflops']:8.2f} {r['mfu']:6.1%} {peak:>9s} "
+        print(f"{r['config']:28s} {r['tokens_per_s']:10.0f} {r['tflops']:8.2f} {r['mfu']:6.1%} {peak:>9s} "
               f"{r['first_loss']:9.5f} {r['last_loss']:9.5f}")
     if any(r["config"] in TRL_CONFIGS for r in rows):
         print("note: TRL's loss is a per-token mean over its step, ours a per-example mean, and TRL's steps hold\n"

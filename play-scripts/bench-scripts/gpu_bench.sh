@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs for the training-throughput issue: install the carried wheels, check on the GPU
-# that packing does not change our step's loss (bf16), then print the full table (our configs and TRL's SFTTrainer)
-# on the Qwen2.5-1.5B shape and write it as JSON. About 4 minutes on an H100; every stage has a time limit, so the
-# whole script ends within ~9 minutes even when a stage hangs.
+# that no packing / attention / kernel option changes our step's loss (bf16), then time our configs and TRL's
+# SFTTrainer on the Qwen2.5-1.5B shape, one JSON file per stage. Every stage has a time limit: the whole script ends
+# within 9 minutes (plus the wheel install) even when a stage hangs.
 #
 # Prepare the wheels on the CPU machine, from the repo root (the GPU machine has no network; its image already has
 # torch 2.11, transformers 5.17, accelerate 1.15, triton, pyarrow, pandas, xxhash, fsspec, huggingface-hub):
@@ -13,7 +13,7 @@
 #   (all five are pure-Python wheels, 2.7 MB together; trl's other needs are on the image)
 #
 # Run it (device tool), then copy the JSON it returns under results/bench/ and delete .wheels/:
-#   run(command="bash play-scripts/bench-scripts/gpu_bench.sh", carry=[".wheels"], timeout_s=560)
+#   run(command="bash play-scripts/bench-scripts/gpu_bench.sh", carry=[".wheels"], timeout_s=590)
 #
 # Environment: WHEELS (default .wheels), OUT (the device tool's output folder; JSON and log are copied there).
 set -uo pipefail
@@ -46,22 +46,31 @@ day=$(date -u +%F)
 mkdir -p results/bench
 log=results/bench/train-throughput-$card-$day.log
 
-# 1. correctness on the GPU: packed and packed+chunked vs padded, loss after step 1 within bf16 tolerance
-#    (the script exits non-zero otherwise), 4 of the 28 layers to keep it short
-for precision in mixed bf16; do
-    echo "== check: packed vs padded loss, qwen2.5-1.5b x 4 layers, precision $precision"
-    timeout 90 python3 "$BENCH" --shape qwen2.5-1.5b --num-layers 4 --configs padded,packed,packed+chunked \
-        --steps 2 --warmup-steps 1 --examples-per-step 16 --precision "$precision" --device cuda \
-        --output "results/bench/check-$precision-$card-$day.json" 2>&1 | tee -a "$log" || status=1
-done
+# Each stage is its own process with a time limit and writes its JSON after every row, so a stage cut off keeps
+# what it measured and the next stage still runs. Liger patches transformers' modules for the whole process, hence
+# its rows get a process of their own.
+stage() {  # stage NAME SECONDS ARGS...: one bench process, output appended to the log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    timeout "$limit" python3 "$BENCH" --device cuda --output "results/bench/train-throughput-$name-$card-$day.json" \
+        "$@" 2>&1 | tee -a "$log" || status=1
+}
 
-# 2. the table: our configs and TRL's, full shape (JSON written after every row, so a timeout keeps what was measured)
-echo "== table: qwen2.5-1.5b, ours vs TRL"
-json=results/bench/train-throughput-$card-$day.json
-timeout 360 python3 "$BENCH" --shape qwen2.5-1.5b --device cuda --output "$json" 2>&1 | tee -a "$log" || status=1
+# 1. correctness on the GPU, 4 of the 28 layers: every attention backend and kernel option against the padded
+#    reference, loss after step 1 within bf16 tolerance (the bench exits non-zero otherwise)
+stage check 100 --shape qwen2.5-1.5b --num-layers 4 --steps 2 --warmup-steps 1 --examples-per-step 16 \
+    --configs padded,packed-mask,packed,packed+chunked,packed-flex+chunked,packed+chunked+liger
+
+# 2. the comparison the issue asks for, most important rows first: our step vs TRL with packing (no Liger) ...
+stage core 150 --shape qwen2.5-1.5b --configs padded,packed,packed+chunked,trl-packing,trl-packing-nogc
+# 3. ... Liger on both sides (TRL's best configuration) ...
+stage liger 140 --shape qwen2.5-1.5b --configs packed+chunked+liger,trl-packing-liger,packed+chunked+liger+compile
+# 4. ... and the rest: the O(T^2) mask, FlexAttention, compile without Liger, TRL's padded defaults
+stage extra 140 --shape qwen2.5-1.5b --configs packed-flex+chunked,packed+chunked+compile,packed-mask,trl-default
 
 if [ -n "${OUT:-}" ]; then
     cp results/bench/*"$card-$day"* "$OUT"/
 fi
-echo "gpu_bench.sh: exit $status ($json)"
+echo "gpu_bench.sh: exit $status (results/bench/train-throughput-*-$card-$day.json)"
 exit $status
