@@ -17,7 +17,6 @@ it would see alone.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 
 import torch
 
@@ -122,8 +121,7 @@ def sdpa_per_document(query, key, value, cu_seqlens: torch.Tensor, scale: float 
     return torch.cat(out)
 
 
-@lru_cache(maxsize=None)
-def _torch_varlen():
+def _load_torch_varlen():
     """PyTorch's varlen flash-attention function and how to ask it for causal / GQA, or None (torch < 2.10).
 
     torch 2.10 takes `is_causal=True`; later releases take `window_size=(-1, 0)` and have `enable_gqa`.
@@ -133,6 +131,13 @@ def _torch_varlen():
     except ImportError:
         return None
     return varlen_attn, varlen_call_options(inspect.signature(varlen_attn).parameters)
+
+
+_TORCH_VARLEN = None  # set by register_varlen_attention: looked up once, not inside torch.compile'd layers
+
+
+def _torch_varlen():
+    return _TORCH_VARLEN
 
 
 def varlen_call_options(parameters) -> dict:
@@ -234,6 +239,8 @@ def register_varlen_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    global _TORCH_VARLEN
+    _TORCH_VARLEN = _load_torch_varlen()
     AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN_IMPLEMENTATION, _varlen_mask)
 

@@ -94,17 +94,20 @@ def get_response_log_probs(
         input_ids: (B, T) int64.
         labels: (B, T) int64, the next token at each position; any value outside [0, V) (e.g. -100) gets log-prob 0.
         return_token_entropy: also return the entropy of the next-token distribution at each position.
-        chunk_size: 0 = plain path (materializes (B, T, V) logits); > 0 = run the decoder to hidden states and
-            compute log-probs/entropy `chunk_size` tokens at a time with recomputation in backward, so no
-            (B, T, V) float32 tensor ever exists (see `chunked_log_probs_from_hidden`).
+        chunk_size: 0 = plain path (materializes (B, T, V) logits); > 0 = run the model to its final hidden
+            states (logits for the last position only) and compute log-probs/entropy `chunk_size` tokens at a time
+            with recomputation in backward, so no (B, T, V) float32 tensor ever exists (see
+            `chunked_log_probs_from_hidden`).
         **model_kwargs: passed to the model (e.g. `attention_mask`, `position_ids`).
 
     Returns:
         {"log_probs": (B, T) float32} unmasked, plus {"token_entropy": (B, T) float32} when asked.
     """
     if chunk_size > 0:
-        decoder = model.get_decoder()
-        hidden = decoder(input_ids, **model_kwargs).last_hidden_state  # (B, T, H)
+        # The whole model runs (so FSDP's root hooks gather and reduce the embeddings, norm and lm head), keeping
+        # logits for the last position only; transformers' last hidden state is the one after the final norm.
+        out = model(input_ids, output_hidden_states=True, logits_to_keep=1, **model_kwargs)
+        hidden = out.hidden_states[-1]  # (B, T, H)
         lm_head = model.get_output_embeddings()
         if getattr(lm_head, "bias", None) is not None:
             raise NotImplementedError("chunked log-probs assume an lm_head without bias (true for Qwen2 and Llama)")
