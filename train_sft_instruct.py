@@ -225,7 +225,8 @@ def main(args: argparse.Namespace) -> dict:
             lr = lr_at_step(step - 1, args.lr, args.lr_schedule, steps, int(args.warmup_ratio * steps), args.min_lr)
             try:
                 stats = train_step(model, optimizer, micro, lr, "step_tokens", grad_clip=args.grad_clip,
-                                   precision=precision, chunk_size=args.chunk_size, dist_info=info)
+                                   precision=precision, chunk_size=args.chunk_size, dist_info=info,
+                                   fused_lm_head=args.fused_lm_head)
             except NonFiniteLossError as e:
                 raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none saved yet'}")
             metrics = {f"train/{k}": v for k, v in stats.items()}

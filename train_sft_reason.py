@@ -192,7 +192,8 @@ def main(args: argparse.Namespace) -> dict:
             lr = lr_at_step(step - 1, args.lr, args.lr_schedule, steps, warmup, args.lr * args.min_lr_ratio)
             try:
                 stats = train_step(model, optimizer, micro, lr, args.loss_normalization, args.normalize_constant,
-                                   args.grad_clip, precision, args.chunk_size)
+                                   args.grad_clip, precision, args.chunk_size,
+                                   fused_lm_head=args.fused_lm_head)
             except NonFiniteLossError as e:
                 raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none (no checkpoint saved yet)'}")
             metrics = {f"train/{k}": v for k, v in stats.items()}

@@ -20,29 +20,30 @@ def _load():
 def test_bench_tiny_shape_packed_equals_padded(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "bench.json"
-    names = ["padded", "packed+chunked+liger", "packed-mask", "packed", "packed+chunked", "packed-flex+chunked"]
+    names = ["padded", "packed+chunked+liger", "packed-mask", "packed", "packed+chunked", "packed+fused",
+             "packed-flex+fused"]
     rows = bench.main(["--shape", "tiny", "--steps", "3", "--examples-per-step", "6", "--length-scale", "0.1",
                        "--max-len", "256", "--pack-tokens", "400", "--device", "cpu", "--output", str(out),
                        "--configs", ",".join(names)])
-    assert [r["config"] for r in rows] == ["padded", "packed-mask", "packed", "packed+chunked"]
+    assert [r["config"] for r in rows] == ["padded", "packed-mask", "packed", "packed+chunked", "packed+fused"]
     printed = capsys.readouterr().out
-    assert "skip packed-flex+chunked: flex needs CUDA" in printed and "skip packed+chunked+liger: liger needs" in printed
+    assert "skip packed-flex+fused: flex needs CUDA" in printed and "skip packed+chunked+liger: liger needs" in printed
     for r in rows[1:]:
         # three steps of AdamW on the same examples: same objective, same trajectory
         assert r["first_loss"] == pytest.approx(rows[0]["first_loss"], abs=1e-5)
         assert r["last_loss"] == pytest.approx(rows[0]["last_loss"], abs=1e-4)
         assert r["tokens_per_s"] > 0
     saved = json.loads(out.read_text())
-    assert saved["meta"]["shape"] == "tiny" and len(saved["results"]) == 4
-    assert set(saved["meta"]["skipped"]) == {"packed-flex+chunked", "packed+chunked+liger"}
+    assert saved["meta"]["shape"] == "tiny" and len(saved["results"]) == 5
+    assert set(saved["meta"]["skipped"]) == {"packed-flex+fused", "packed+chunked+liger"}
 
 
 def test_bench_runs_liger_rows_last():
     """Liger patches transformers' modules process-wide: no row after it may be measured without it."""
     bench = _load()
-    names = ["trl-packing-liger", "padded", "packed+chunked+liger+compile", "trl-default", "packed"]
+    names = ["trl-packing-liger", "padded", "packed+fused+liger+compile", "trl-default", "packed"]
     assert bench.run_order(names) == ["padded", "trl-default", "packed", "trl-packing-liger",
-                                      "packed+chunked+liger+compile"]
+                                      "packed+fused+liger+compile"]
 
 
 def test_bench_synthetic_lengths_follow_the_issue():

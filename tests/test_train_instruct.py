@@ -52,17 +52,18 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
         assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], abs=1e-5)
 
 
-@pytest.mark.parametrize("chunk_size", ["0", "64"])
-def test_fsdp_two_gloo_processes_match_one_process(tmp_path, chunk_size):
+@pytest.mark.parametrize("lm_head", [[], ["--chunk-size", "64"], ["--chunk-size", "64", "--fused-lm-head"]])
+def test_fsdp_two_gloo_processes_match_one_process(tmp_path, lm_head):
     """2 ranks x micro 2 x GA 1 sees the same 4 rows per step as 1 rank x micro 2 x GA 2: same losses. With a chunked
-    lm head too (its embeddings, norm and head belong to FSDP's root unit, gathered only by the root's forward)."""
+    or fused lm head too (the embeddings, norm and head belong to FSDP's root unit, gathered only by the root's
+    forward)."""
     single = T.main(_args(tmp_path, "--run-name", "single", "--max-steps", "3", "--eval-every", "3",
                           "--micro-batch-size", "2", "--gradient-accumulation-steps", "2", "--packing", "doc"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "train_sft_instruct.py"), "--preset", "demo", "--output-dir", str(tmp_path), "--cache-dir",
            str(tmp_path / "cache"), "--run-name", "fsdp", "--max-steps", "3", "--eval-every", "3",
-           "--micro-batch-size", "2", "--gradient-accumulation-steps", "1", "--packing", "doc", "--chunk-size", chunk_size]
+           "--micro-batch-size", "2", "--gradient-accumulation-steps", "1", "--packing", "doc", *lm_head]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _rows(Path(single["run_dir"]), "train/"), _rows(tmp_path / "fsdp", "train/")

@@ -79,6 +79,19 @@ def _forward_logits(model, input_ids: torch.Tensor, **model_kwargs) -> torch.Ten
     return model(input_ids, **model_kwargs).logits  # (B, T, V) in the model's dtype
 
 
+def final_hidden_and_head(model, input_ids: torch.Tensor, **model_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden states (B, T, H), after the last norm, and the lm-head weight (V, H), without full logits.
+
+    The whole model runs, so FSDP's root hooks gather and reduce the embeddings, norm and lm head, keeping logits
+    for the last position only; transformers' last hidden state is the one after the final norm.
+    """
+    out = model(input_ids, output_hidden_states=True, logits_to_keep=1, **model_kwargs)
+    lm_head = model.get_output_embeddings()
+    if getattr(lm_head, "bias", None) is not None:
+        raise NotImplementedError("chunked log-probs assume an lm_head without bias (true for Qwen2 and Llama)")
+    return out.hidden_states[-1], lm_head.weight
+
+
 def get_response_log_probs(
     model,
     input_ids: torch.Tensor,
@@ -104,14 +117,8 @@ def get_response_log_probs(
         {"log_probs": (B, T) float32} unmasked, plus {"token_entropy": (B, T) float32} when asked.
     """
     if chunk_size > 0:
-        # The whole model runs (so FSDP's root hooks gather and reduce the embeddings, norm and lm head), keeping
-        # logits for the last position only; transformers' last hidden state is the one after the final norm.
-        out = model(input_ids, output_hidden_states=True, logits_to_keep=1, **model_kwargs)
-        hidden = out.hidden_states[-1]  # (B, T, H)
-        lm_head = model.get_output_embeddings()
-        if getattr(lm_head, "bias", None) is not None:
-            raise NotImplementedError("chunked log-probs assume an lm_head without bias (true for Qwen2 and Llama)")
-        return chunked_log_probs_from_hidden(hidden, lm_head.weight, labels, chunk_size, return_token_entropy)
+        hidden, head_weight = final_hidden_and_head(model, input_ids, **model_kwargs)
+        return chunked_log_probs_from_hidden(hidden, head_weight, labels, chunk_size, return_token_entropy)
     logits = _forward_logits(model, input_ids, **model_kwargs).float()  # (B, T, V) fp32
     log_softmax = torch.log_softmax(logits, dim=-1)
     valid = (labels >= 0) & (labels < logits.shape[-1])
@@ -248,6 +255,35 @@ def sft_microbatch_train_step(
         "per_example_nll": (nll_per_example / token_counts.clamp(min=1)).detach(),
     }
     return loss.detach(), metadata
+
+
+def microbatch_token_weights(
+    response_mask: torch.Tensor,
+    gradient_accumulation_steps: float,
+    normalization: LossNormalization = "constant",
+    normalize_constant: float = 1.0,
+    step_response_tokens: int | float | None = None,
+) -> torch.Tensor:
+    """Per-token weights w with loss = -sum(w * log_probs) equal to `sft_microbatch_train_step`'s loss.
+
+    Args and normalizations as `sft_microbatch_train_step`.
+
+    Returns:
+        (B, T) float32, zero where `response_mask` is False.
+    """
+    mask = response_mask.float()
+    B = mask.shape[0]
+    if normalization == "constant":
+        per_row = torch.full((B,), 1.0 / (normalize_constant * B * gradient_accumulation_steps))
+    elif normalization == "per_example":
+        per_row = 1.0 / (mask.sum(-1).clamp(min=1) * B * gradient_accumulation_steps)
+    elif normalization == "step_tokens":
+        if not step_response_tokens:
+            raise ValueError("normalization='step_tokens' needs step_response_tokens > 0 (tokens of the whole step)")
+        per_row = torch.full((B,), 1.0 / step_response_tokens)
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}")
+    return mask * per_row.to(mask.device)[:, None]
 
 
 def weighted_nll_train_step(

@@ -19,8 +19,8 @@ from typing import Iterable
 import torch
 
 from utils.doc_attention import set_attention_backend
-from utils.post_train import (LossNormalization, get_response_log_probs, masked_normalize, sft_microbatch_train_step,
-                              weighted_nll_train_step)
+from utils.post_train import (LossNormalization, final_hidden_and_head, get_response_log_probs, masked_normalize,
+                              microbatch_token_weights, sft_microbatch_train_step, weighted_nll_train_step)
 
 PRECISIONS = ("auto", "fp32", "mixed", "bf16")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -53,6 +53,8 @@ def add_speed_flags(group) -> None:
                        help="attention inside documents of packed rows: varlen = flash varlen kernel on CUDA (one SDPA call per document elsewhere); sdpa = block-diagonal (T, T) mask; flex = FlexAttention (CUDA only)")
     group.add_argument("--chunk-size", type=int, default=0,
                        help="tokens per chunk for the lm-head log-softmax (0 = plain; >0 avoids B x T x V fp32 logits)")
+    group.add_argument("--fused-lm-head", action="store_true",
+                       help="with --chunk-size: lm-head gradients computed in the forward pass (3 matmuls a chunk instead of 4; same loss)")
     group.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     group.add_argument("--liger", action="store_true",
@@ -60,7 +62,10 @@ def add_speed_flags(group) -> None:
 
 
 def check_speed_flags(args, device: str) -> None:
-    """Refuse --attention flex and --liger off CUDA before any model loads (neither has a CPU training path)."""
+    """Refuse --attention flex and --liger off CUDA (neither has a CPU training path) and --fused-lm-head without
+    --chunk-size, before any model loads."""
+    if args.fused_lm_head and args.chunk_size <= 0:
+        raise SystemExit("--fused-lm-head works chunk by chunk: set --chunk-size (e.g. 4096)")
     if not device.startswith("cuda"):
         if args.attention == "flex":
             raise SystemExit(f"--attention flex needs CUDA (PyTorch has no FlexAttention backward on CPU); device is "
@@ -155,6 +160,7 @@ def train_step(
     chunk_size: int = 0,
     step_response_tokens: float | None = None,
     dist_info=None,
+    fused_lm_head: bool = False,
 ) -> dict[str, float]:
     """One optimizer step over `micro_batches` (gradient accumulation = their number).
 
@@ -164,6 +170,9 @@ def train_step(
     which replace `normalization`. Loss normalization follows
     `utils.post_train.sft_microbatch_train_step`; for `step_tokens` the denominator is the response-token count of
     all micro-batches (or `step_response_tokens` when given).
+
+    `fused_lm_head` (needs `chunk_size` > 0): the lm-head gradients are computed during the forward pass
+    (`utils.fused_lm_head`), the same loss with one matmul per chunk fewer than recomputation in backward.
 
     Data parallel (`dist_info` from `utils.distributed` with world_size > 1, model sharded with FSDP, which averages
     gradients over ranks): `step_tokens` divides by the global token count / world size so the averaged gradient is
@@ -178,6 +187,8 @@ def train_step(
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
+    if fused_lm_head and chunk_size <= 0:
+        raise ValueError("fused_lm_head needs chunk_size > 0")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     n_step_examples = sum(mb["input_ids"].shape[0] for mb in micro_batches)
@@ -196,24 +207,28 @@ def train_step(
     for mb in micro_batches:
         mb = to_device(mb, device)
         extra = {k: mb[k] for k in MODEL_INPUT_KEYS if k in mb}
-        with autocast_context(precision, device.type):
-            out = get_response_log_probs(
-                model, mb["input_ids"], mb["labels"], return_token_entropy=True, chunk_size=chunk_size, **extra
-            )
         mask = mb["response_mask"]
-        if "loss_weights" in mb:
-            loss, meta = weighted_nll_train_step(out["log_probs"], mask, mb["loss_weights"])
+        if fused_lm_head:
+            loss, meta, out = _fused_microbatch(model, mb, extra, precision, chunk_size, n_step_examples,
+                                                normalization, normalize_constant, step_response_tokens)
         else:
-            # Dividing by N_step / B_i instead of GA keeps per-example and constant normalization exact when the
-            # micro-batches differ in size (equal to GA when they do not).
-            loss, meta = sft_microbatch_train_step(
-                out["log_probs"],
-                mask,
-                n_step_examples / mb["input_ids"].shape[0],
-                normalize_constant=normalize_constant,
-                normalization=normalization,
-                step_response_tokens=step_response_tokens,
-            )
+            with autocast_context(precision, device.type):
+                out = get_response_log_probs(
+                    model, mb["input_ids"], mb["labels"], return_token_entropy=True, chunk_size=chunk_size, **extra
+                )
+            if "loss_weights" in mb:
+                loss, meta = weighted_nll_train_step(out["log_probs"], mask, mb["loss_weights"])
+            else:
+                # Dividing by N_step / B_i instead of GA keeps per-example and constant normalization exact when the
+                # micro-batches differ in size (equal to GA when they do not).
+                loss, meta = sft_microbatch_train_step(
+                    out["log_probs"],
+                    mask,
+                    n_step_examples / mb["input_ids"].shape[0],
+                    normalize_constant=normalize_constant,
+                    normalization=normalization,
+                    step_response_tokens=step_response_tokens,
+                )
         loss_sum += float(loss)
         nll_sum += float(meta["nll_sum"])
         ent_sum += float(masked_normalize(out["token_entropy"].detach(), mask))
@@ -251,6 +266,25 @@ def train_step(
         "step_time_s": dt,
         "tokens_per_s": tokens / dt,
     }
+
+
+def _fused_microbatch(model, mb, extra, precision, chunk_size, n_step_examples, normalization, normalize_constant,
+                      step_response_tokens):
+    """One micro-batch's forward + backward through `utils.fused_lm_head`, weights as the unfused path's loss."""
+    from utils.fused_lm_head import fused_weighted_nll
+
+    mask = mb["response_mask"]
+    if "loss_weights" in mb:
+        weights = mb["loss_weights"] * mask
+    else:
+        weights = microbatch_token_weights(mask, n_step_examples / mb["input_ids"].shape[0], normalization,
+                                           normalize_constant, step_response_tokens)
+    with autocast_context(precision, mask.device.type):
+        hidden, head_weight = final_hidden_and_head(model, mb["input_ids"], **extra)
+        out = fused_weighted_nll(hidden, head_weight, mb["labels"], weights, chunk_size)
+    out["loss"].backward()
+    meta = {"nll_sum": -(out["log_probs"] * mask).sum(), "response_tokens": mask.sum()}
+    return out["loss"].detach(), meta, out
 
 
 @torch.no_grad()
@@ -330,9 +364,9 @@ def load_policy(
 def compile_decoder_layers(model) -> int:
     """torch.compile each decoder layer in place (`nn.Module.compile`); returns how many.
 
-    Per layer rather than the whole model: the chunked lm-head path calls the decoder directly (a compiled wrapper
-    around the whole model would be bypassed there), all layers share one compiled graph, and state-dict keys stay
-    free of `_orig_mod.`. Apply before FSDP sharding, as torchtitan does.
+    Per layer rather than the whole model: all layers share one compiled graph, the loss code around the model
+    (chunked or fused lm head) stays eager, and state-dict keys stay free of `_orig_mod.`. Apply before FSDP
+    sharding, as torchtitan does.
     """
     layers = model.get_decoder().layers
     for layer in layers:

@@ -12,7 +12,8 @@ configurations each train a fresh copy of the same model on the same examples, s
 Our configurations (CONFIGS) map to the trainers' flags: `padded` is the reference loop (micro-batches of 4, fp32
 log-softmax over the full vocabulary); `packed-mask` packs rows of --pack-tokens with a (T, T) block mask;
 `packed` uses varlen attention (`--attention varlen`: flash varlen kernel on CUDA); `+chunked` computes the
-lm-head log-softmax 4,096 tokens at a time; `flex` is FlexAttention; `+compile` is torch.compile of each decoder layer;
+lm-head log-softmax 4,096 tokens at a time (recomputed in backward); `+fused` does the same with the lm-head
+gradients computed in the forward pass (`--fused-lm-head`); `flex` is FlexAttention; `+compile` is torch.compile of each decoder layer;
 `+liger` swaps in Liger's RMSNorm / SwiGLU / RoPE kernels. flex and liger rows need CUDA (skipped with a printed
 reason elsewhere); liger rows run last because Liger patches transformers' modules for the whole process.
 
@@ -60,11 +61,13 @@ CONFIGS = {
     "packed-mask": dict(packing="bfd", attention="sdpa", chunk_size=0),  # (T, T) block mask: O(T^2)
     "packed": dict(packing="bfd", attention="varlen", chunk_size=0),
     "packed+chunked": dict(packing="bfd", attention="varlen", chunk_size=4096),
-    "packed-flex+chunked": dict(packing="bfd", attention="flex", chunk_size=4096),
-    "packed+chunked+compile": dict(packing="bfd", attention="varlen", chunk_size=4096, compile=True),
+    "packed+fused": dict(packing="bfd", attention="varlen", chunk_size=4096, fused=True),
+    "packed-flex+fused": dict(packing="bfd", attention="flex", chunk_size=4096, fused=True),
+    "packed+fused+compile": dict(packing="bfd", attention="varlen", chunk_size=4096, fused=True, compile=True),
     "packed+chunked+liger": dict(packing="bfd", attention="varlen", chunk_size=4096, liger=True),
-    "packed+chunked+liger+compile": dict(packing="bfd", attention="varlen", chunk_size=4096, liger=True,
-                                         compile=True),
+    "packed+fused+liger": dict(packing="bfd", attention="varlen", chunk_size=4096, fused=True, liger=True),
+    "packed+fused+liger+compile": dict(packing="bfd", attention="varlen", chunk_size=4096, fused=True, liger=True,
+                                       compile=True),
 }
 CUDA_ONLY = ("flex", "liger")  # no FlexAttention backward and no Triton kernels on CPU
 # SFTConfig overrides per TRL row; TRL 1.16's defaults otherwise (gradient checkpointing on, bfd packing when packing).
@@ -150,7 +153,7 @@ def run_config(name, cfg, args, shape, steps_examples, device):
         else:
             micro = pad_batches(exs, args.micro_batch_size, 0)
         stats = train_step(model, opt, micro, args.lr, "per_example", grad_clip=1.0, precision=precision,
-                           chunk_size=cfg["chunk_size"])
+                           chunk_size=cfg["chunk_size"], fused_lm_head=cfg.get("fused", False))
         losses.append(stats["loss"])
         if i >= args.warmup_steps:
             times.append(stats["step_time_s"])

@@ -60,14 +60,16 @@ stage() {  # stage NAME SECONDS ARGS...: one bench process, output appended to t
 # 1. correctness on the GPU, 4 of the 28 layers: every attention backend and kernel option against the padded
 #    reference, loss after step 1 within bf16 tolerance (the bench exits non-zero otherwise)
 stage check 100 --shape qwen2.5-1.5b --num-layers 4 --steps 2 --warmup-steps 1 --examples-per-step 16 \
-    --configs padded,packed-mask,packed,packed+chunked,packed-flex+chunked,packed+chunked+liger
+    --configs padded,packed-mask,packed,packed+chunked,packed+fused,packed-flex+fused,packed+fused+liger
 
 # 2. the comparison the issue asks for, most important rows first: our step vs TRL with packing (no Liger) ...
-stage core 150 --shape qwen2.5-1.5b --configs padded,packed,packed+chunked,trl-packing,trl-packing-nogc
+stage core 150 --shape qwen2.5-1.5b --configs padded,packed+fused,packed+chunked,trl-packing,trl-packing-nogc
 # 3. ... Liger on both sides (TRL's best configuration) ...
-stage liger 140 --shape qwen2.5-1.5b --configs packed+chunked+liger,trl-packing-liger,packed+chunked+liger+compile
-# 4. ... and the rest: the O(T^2) mask, FlexAttention, compile without Liger, TRL's padded defaults
-stage extra 140 --shape qwen2.5-1.5b --configs packed-flex+chunked,packed+chunked+compile,packed-mask,trl-default
+stage liger 140 --shape qwen2.5-1.5b --configs packed+fused+liger,trl-packing-liger,packed+fused+liger+compile
+# 4. ... and the rest: full logits, compile without Liger, FlexAttention, recomputed chunks with Liger, the O(T^2)
+#    mask, TRL's padded defaults
+stage extra 140 --shape qwen2.5-1.5b \
+    --configs packed,packed+fused+compile,packed-flex+fused,packed+chunked+liger,packed-mask,trl-default
 
 if [ -n "${OUT:-}" ]; then
     cp results/bench/*"$card-$day"* "$OUT"/
