@@ -115,3 +115,37 @@ def test_gpu_script_names_only_known_configs():
     # every config is timed on the full shape in some stage
     full = [n for lst in lists[1:] for n in lst.split(",")]
     assert set(full) == set(bench.CONFIGS) | set(bench.TRL_CONFIGS)
+
+
+def test_compile_warmup_leaves_the_weights_alone(tmp_path):
+    """Compiled rows warm up at lr 0 before timing: their losses must still equal the eager row's."""
+    bench = _load()
+    rows = bench.main(["--shape", "tiny", "--steps", "2", "--examples-per-step", "4", "--length-scale", "0.1",
+                       "--max-len", "256", "--pack-tokens", "400", "--device", "cpu", "--compile-warmup-steps", "1",
+                       "--configs", "packed+fused,packed+fused+compile"])
+    assert rows[1]["first_loss"] == pytest.approx(rows[0]["first_loss"], abs=1e-5)
+    assert rows[1]["last_loss"] == pytest.approx(rows[0]["last_loss"], abs=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (requirements-dev.txt pins it)")
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """gpu_bench.sh end to end with DRY_RUN=1 (tiny shape on the CPU): every stage runs and writes its JSON, so the
+    one GPU call cannot fail on the script itself."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DRY_RUN="1", RESULTS=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(REPO / "play-scripts/bench-scripts/gpu_bench.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bench = _load()
+    ran, skipped = set(), set()
+    for stage in ("check", "core", "liger", "extra"):
+        saved = json.loads(next(tmp_path.glob(f"train-throughput-{stage}-cpu-dry-run-*.json")).read_text())
+        ran |= {r["config"] for r in saved["results"] if "error" not in r}
+        skipped |= set(saved["meta"]["skipped"])
+    cuda_only = {n for n, c in bench.CONFIGS.items() if c.get("liger") or c["attention"] == "flex"}
+    assert skipped == cuda_only | {"trl-packing-liger"}
+    assert ran == (set(bench.CONFIGS) | set(bench.TRL_CONFIGS)) - skipped

@@ -142,18 +142,29 @@ def run_config(name, cfg, args, shape, steps_examples, device):
     model = fresh_model(shape, precision, device, cfg["attention"], cfg.get("liger", False))
     n_params = sum(p.numel() for p in model.parameters())
     opt = build_optimizer(model, args.lr, 0.0)
+    def batches(exs):
+        if cfg["packing"] == "bfd":
+            return pack_examples(exs, args.pack_tokens, 0, "per_example", attention=cfg["attention"])
+        return pad_batches(exs, args.micro_batch_size, 0)
+
+    def step(optimizer, micro, lr):
+        return train_step(model, optimizer, micro, lr, "per_example", grad_clip=1.0, precision=precision,
+                          chunk_size=cfg["chunk_size"], fused_lm_head=cfg.get("fused", False))
+
     if cfg.get("compile"):
         compile_decoder_layers(model)
+        # Compile (and the recompiles for new row lengths) before timing: steps through SGD at lr 0 leave the
+        # weights bit for bit as they were, so step 1's loss still matches the other configs.
+        frozen = torch.optim.SGD(model.parameters(), lr=0.0)
+        t0 = time.perf_counter()
+        for exs in steps_examples[: args.compile_warmup_steps]:
+            step(frozen, batches(exs), 0.0)
+        print(f"{name}: {args.compile_warmup_steps} compile warm-up steps at lr 0, {time.perf_counter() - t0:.0f} s")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     losses, times, real_tokens = [], [], 0
     for i, exs in enumerate(steps_examples):
-        if cfg["packing"] == "bfd":
-            micro = pack_examples(exs, args.pack_tokens, 0, "per_example", attention=cfg["attention"])
-        else:
-            micro = pad_batches(exs, args.micro_batch_size, 0)
-        stats = train_step(model, opt, micro, args.lr, "per_example", grad_clip=1.0, precision=precision,
-                           chunk_size=cfg["chunk_size"], fused_lm_head=cfg.get("fused", False))
+        stats = step(opt, batches(exs), args.lr)
         losses.append(stats["loss"])
         if i >= args.warmup_steps:
             times.append(stats["step_time_s"])
@@ -334,7 +345,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--examples-per-step", type=int, default=84,
                    help="our configs' examples per optimizer step (84 x 773 mean tokens ~ TRL's 4 x 8 rows of 2048)")
     p.add_argument("--steps", type=int, default=5, help="measured steps + warmup steps")
-    p.add_argument("--warmup-steps", type=int, default=1, help="steps excluded from timing (compilation, allocator)")
+    p.add_argument("--warmup-steps", type=int, default=1, help="steps excluded from timing (allocator, autotuning)")
+    p.add_argument("--compile-warmup-steps", type=int, default=3,
+                   help="compiled configs: untimed steps at lr 0 before step 1 (compilation and recompiles)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="padded configs")
     p.add_argument("--pack-tokens", type=int, default=8192,
                    help="packed row budget (8192 = the tokens of TRL's micro-batch of 4 x 2048, for equal peak memory)")

@@ -15,23 +15,32 @@
 # Run it (device tool), then copy the JSON it returns under results/bench/ and delete .wheels/:
 #   run(command="bash play-scripts/bench-scripts/gpu_bench.sh", carry=[".wheels"], timeout_s=590)
 #
-# Environment: WHEELS (default .wheels), OUT (the device tool's output folder; JSON and log are copied there).
+# Environment: WHEELS (default .wheels), OUT (the device tool's output folder; JSON and log are copied there),
+# RESULTS (default results/bench), PYTHON (default python3), DRY_RUN=1 (every stage on the CPU with the tiny shape,
+# in about a minute: checks this script before it spends GPU time; flex and Liger rows are skipped there).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 WHEELS=${WHEELS:-.wheels}
+RESULTS=${RESULTS:-results/bench}
+PYTHON=${PYTHON:-python3}
 BENCH=play-scripts/bench-scripts/bench_train_throughput.py
 status=0
+dry=()
+if [ "${DRY_RUN:-0}" = 1 ]; then  # later flags win in argparse: these replace the GPU shape and device
+    dry=(--device cpu --shape tiny --num-layers 2 --length-scale 0.1 --max-len 256 --pack-tokens 512
+         --examples-per-step 8 --steps 2 --warmup-steps 1 --trl-micro-batch-size 2 --trl-grad-accum 2)
+fi
 
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$WHEELS"/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 else
     echo "no wheels in $WHEELS: TRL rows will be skipped (see the comments at the top of this script)"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 - <<'EOF'
+[ ${#dry[@]} -gt 0 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" - <<'EOF'
 import importlib.metadata as md
 names = ["torch", "transformers", "accelerate", "trl", "datasets", "liger-kernel", "pyarrow", "fsspec", "huggingface-hub"]
 for name in names:
@@ -41,10 +50,14 @@ for name in names:
         print(f"{name} missing")
 EOF
 
-card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))") || exit 1
+if [ ${#dry[@]} -gt 0 ]; then
+    card=cpu-dry-run
+else
+    card=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))") || exit 1
+fi
 day=$(date -u +%F)
-mkdir -p results/bench
-log=results/bench/train-throughput-$card-$day.log
+mkdir -p "$RESULTS"
+log=$RESULTS/train-throughput-$card-$day.log
 
 # Each stage is its own process with a time limit and writes its JSON after every row, so a stage cut off keeps
 # what it measured and the next stage still runs. Liger patches transformers' modules for the whole process, hence
@@ -53,8 +66,8 @@ stage() {  # stage NAME SECONDS ARGS...: one bench process, output appended to t
     local name=$1 limit=$2
     shift 2
     echo "== $name"
-    timeout "$limit" python3 "$BENCH" --device cuda --output "results/bench/train-throughput-$name-$card-$day.json" \
-        "$@" 2>&1 | tee -a "$log" || status=1
+    timeout "$limit" "$PYTHON" "$BENCH" --device cuda --output "$RESULTS/train-throughput-$name-$card-$day.json" \
+        "$@" "${dry[@]}" 2>&1 | tee -a "$log" || status=1
 }
 
 # 1. correctness on the GPU, 4 of the 28 layers: every attention backend and kernel option against the padded
@@ -72,7 +85,7 @@ stage extra 140 --shape qwen2.5-1.5b \
     --configs packed,packed+fused+compile,packed-flex+fused,packed+chunked+liger,packed-mask,trl-default
 
 if [ -n "${OUT:-}" ]; then
-    cp results/bench/*"$card-$day"* "$OUT"/
+    cp "$RESULTS"/*"$card-$day"* "$OUT"/
 fi
-echo "gpu_bench.sh: exit $status (results/bench/train-throughput-*-$card-$day.json)"
+echo "gpu_bench.sh: exit $status ($RESULTS/train-throughput-*-$card-$day.json)"
 exit $status
