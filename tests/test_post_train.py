@@ -223,3 +223,19 @@ def test_microbatch_step_rejects_bad_arguments():
         sft_microbatch_train_step(lp, mask, 0)
     with pytest.raises(ValueError, match="unknown normalization"):
         sft_microbatch_train_step(lp, mask, 1, normalization="mean")
+
+
+@pytest.mark.parametrize("chunk_size", [0, 8])
+def test_scoring_forward_builds_no_kv_cache(tiny_qwen, tiny_qwen_tokenizer, chunk_size):
+    """A KV cache in a training forward costs memory and, under per-layer torch.compile, one recompile per layer
+    (its per-layer state is guarded): both paths must call the model with use_cache=False."""
+    model, tok = tiny_qwen, tiny_qwen_tokenizer
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("use_cache")),
+                                             with_kwargs=True)
+    try:
+        batch = tokenize_prompt_and_output(["Hi"], [" there"], tok)
+        get_response_log_probs(model, batch["input_ids"], batch["labels"], chunk_size=chunk_size)
+    finally:
+        handle.remove()
+    assert seen == [False]

@@ -76,6 +76,7 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_logits(model, input_ids: torch.Tensor, **model_kwargs) -> torch.Tensor:
+    model_kwargs.setdefault("use_cache", False)  # see final_hidden_and_head
     return model(input_ids, **model_kwargs).logits  # (B, T, V) in the model's dtype
 
 
@@ -85,6 +86,9 @@ def final_hidden_and_head(model, input_ids: torch.Tensor, **model_kwargs) -> tup
     The whole model runs, so FSDP's root hooks gather and reduce the embeddings, norm and lm head, keeping logits
     for the last position only; transformers' last hidden state is the one after the final norm.
     """
+    # use_cache=False unless asked: a scoring forward has no use for a KV cache, whose per-layer state would also
+    # make torch.compile recompile the decoder layer once per layer.
+    model_kwargs.setdefault("use_cache", False)
     out = model(input_ids, output_hidden_states=True, logits_to_keep=1, **model_kwargs)
     lm_head = model.get_output_embeddings()
     if getattr(lm_head, "bias", None) is not None:
