@@ -36,7 +36,7 @@ class _FusedWeightedNLL(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)
                 log_probs[s : s + chunk_size] = (logits.gather(-1, y[:, None]).squeeze(-1) - lse) * valid
                 probs = (logits - lse[:, None]).exp_()  # softmax
-                entropy[s : s + chunk_size] = lse - (probs * logits).sum(-1)
+                entropy[s : s + chunk_size] = lse - logits.mul_(probs).sum(-1)  # in place: two (n, V) buffers at most
                 del logits
                 # d(loss)/d(logits) = w_t * (softmax - onehot(y_t)); invalid labels carry no loss
                 coef = tw * valid

@@ -202,9 +202,14 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
-    loss_sum = nll_sum = ent_sum = 0.0
+    # Sums stay on the device until the step ends: one host sync per step, not several per micro-batch, so the
+    # host can queue the next micro-batch's kernels while the GPU works.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, entropy
     resp_tokens = tokens = examples = 0
     for mb in micro_batches:
+        resp_tokens += int(mb["response_mask"].sum())  # host-side counts, before the copy to the device
+        tokens += mb["input_ids"].numel()
+        examples += mb["input_ids"].shape[0]
         mb = to_device(mb, device)
         extra = {k: mb[k] for k in MODEL_INPUT_KEYS if k in mb}
         mask = mb["response_mask"]
@@ -229,12 +234,9 @@ def train_step(
                     normalization=normalization,
                     step_response_tokens=step_response_tokens,
                 )
-        loss_sum += float(loss)
-        nll_sum += float(meta["nll_sum"])
-        ent_sum += float(masked_normalize(out["token_entropy"].detach(), mask))
-        resp_tokens += int(meta["response_tokens"])
-        tokens += mb["input_ids"].numel()
-        examples += mb["input_ids"].shape[0]
+        ent = masked_normalize(out["token_entropy"].detach(), mask)
+        sums += torch.stack([loss.detach(), meta["nll_sum"].detach(), ent]).to(sums.dtype)
+    loss_sum, nll_sum, ent_sum = sums.tolist()
     if world > 1:
         from utils.distributed import all_reduce_sum
 
