@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import diversified_copy
 
-from utils.doc_attention import (VARLEN_IMPLEMENTATION, cu_seqlens_from_document_ids, cu_seqlens_from_position_ids,
-                                 packed_model_inputs, sdpa_per_document, set_attention_backend, varlen_call_options)
+from utils.doc_attention import (FLEX_IMPLEMENTATION, VARLEN_IMPLEMENTATION, cu_seqlens_from_document_ids,
+                                 cu_seqlens_from_position_ids, packed_model_inputs, register_attention_functions,
+                                 sdpa_per_document, set_attention_backend, varlen_call_options)
 from utils.inference import HFEngine, SamplingConfig
 from utils.packing import collate_packed, document_causal_mask, pack_best_fit_decreasing
 from utils.post_train import get_response_log_probs
@@ -179,12 +180,39 @@ def test_flex_matches_block_mask_forward(tiny_qwen_dir, tiny_qwen_tokenizer):
     with pytest.raises(ValueError, match="flex needs CUDA"):
         set_attention_backend(model, "flex", "cpu")
     with torch.no_grad():
-        ref = get_response_log_probs(model, batch["input_ids"], batch["labels"], use_cache=False,
+        ref = get_response_log_probs(model, batch["input_ids"], batch["labels"],
                                      **packed_model_inputs(batch["position_ids"], batch["document_ids"], "sdpa"))
-        model.set_attn_implementation("flex_attention")
-        flex = get_response_log_probs(model, batch["input_ids"], batch["labels"], use_cache=False,
+        register_attention_functions()
+        model.set_attn_implementation(FLEX_IMPLEMENTATION)
+        flex = get_response_log_probs(model, batch["input_ids"], batch["labels"],
                                       **packed_model_inputs(batch["position_ids"], batch["document_ids"], "flex"))
     torch.testing.assert_close(flex["log_probs"], ref["log_probs"], atol=1e-5, rtol=0)
+
+
+def test_kernels_get_autocast_dtype_inputs(monkeypatch, tiny_qwen_dir, tiny_qwen_tokenizer):
+    """Under bf16 autocast RoPE hands fp32 q/k to attention; the varlen and flex functions cast them as autocast
+    casts SDPA's inputs (FlexAttention would otherwise run fp32 kernels, the flash varlen kernel refuse them)."""
+    import transformers.integrations.flex_attention as hf_flex
+
+    import utils.doc_attention as da
+
+    seen = []
+    real_varlen, real_flex = da.varlen_attention, hf_flex.flex_attention_forward
+    monkeypatch.setattr(da, "varlen_attention", lambda q, k, v, *a: seen.append(("varlen", q.dtype, k.dtype, v.dtype))
+                        or real_varlen(q, k, v, *a))
+    monkeypatch.setattr(hf_flex, "flex_attention_forward",
+                        lambda m, q, k, v, *a, **kw: seen.append(("flex", q.dtype, k.dtype, v.dtype))
+                        or real_flex(m, q, k, v, *a, **kw))
+    _, batch = _packed_batch(tiny_qwen_tokenizer, seed=6)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    register_attention_functions()
+    for implementation, attention in ((VARLEN_IMPLEMENTATION, "varlen"), (FLEX_IMPLEMENTATION, "flex")):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            get_response_log_probs(model, batch["input_ids"], batch["labels"],
+                                   **packed_model_inputs(batch["position_ids"], batch["document_ids"], attention))
+    assert {s[0] for s in seen} == {"varlen", "flex"}
+    assert all(s[1:] == (torch.bfloat16,) * 3 for s in seen), seen
 
 
 def test_packed_model_inputs_rejects_bad_input():

@@ -8,7 +8,9 @@
 - `sdpa`: a (B, 1, T, T) block-diagonal causal mask (`utils.packing.document_causal_mask`) to SDPA: the reference
   the others are tested against; the mask is O(T^2) and SDPA computes every masked-out block.
 - `flex`: transformers' FlexAttention, which builds a block mask from the restarting `position_ids` and skips empty
-  blocks. PyTorch has no FlexAttention backward on CPU, so this backend needs CUDA for training.
+  blocks, registered as "sft_flex" so that inputs follow autocast (FlexAttention ignores autocast and would run
+  fp32 kernels on the fp32 q/k that RoPE leaves). PyTorch has no FlexAttention backward on CPU, so this backend
+  needs CUDA for training.
 
 Every backend also restarts RoPE positions at each document (`position_ids`), so a packed document sees exactly what
 it would see alone.
@@ -21,7 +23,8 @@ import inspect
 import torch
 
 ATTENTION_BACKENDS = ("varlen", "sdpa", "flex")
-VARLEN_IMPLEMENTATION = "sft_varlen"  # the name registered with transformers' AttentionInterface
+VARLEN_IMPLEMENTATION = "sft_varlen"  # the names registered with transformers' AttentionInterface
+FLEX_IMPLEMENTATION = "sft_flex"
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 _notes: set[str] = set()
 
@@ -133,7 +136,7 @@ def _load_torch_varlen():
     return varlen_attn, varlen_call_options(inspect.signature(varlen_attn).parameters)
 
 
-_TORCH_VARLEN = None  # set by register_varlen_attention: looked up once, not inside torch.compile'd layers
+_TORCH_VARLEN = None  # set by register_attention_functions: looked up once, not inside torch.compile'd layers
 
 
 def _torch_varlen():
@@ -215,13 +218,27 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         raise NotImplementedError("sft_varlen attention has no attention dropout (Qwen2 and Llama train without)")
     if key.shape[2] != T:
         raise ValueError(f"varlen attention needs as many keys as queries ({key.shape[2]} vs {T}); no KV cache")
-    device_type = query.device.type
-    # Under autocast RoPE's fp32 cos/sin promote q and k back to fp32; SDPA would be cast to bf16 by autocast, so
-    # cast the same way here (the flash varlen kernel takes bf16/fp16 only).
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
-    flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D).to(dtype)  # noqa: E731  (B, h, T, D) -> (B*T, h, D)
+    query, key, value = _autocast_inputs(query, key, value)
+    flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D)  # noqa: E731  (B, h, T, D) -> (B*T, h, D)
     out = varlen_attention(flat(query), flat(key), flat(value), cu, int(max_len), scaling)
     return out.reshape(B, T, H, D), None
+
+
+def _autocast_inputs(*tensors):
+    """Cast to the autocast dtype when autocast is on, as SDPA's inputs are: under autocast RoPE's fp32 cos/sin
+    promote q and k back to fp32, and the flash varlen and FlexAttention kernels do not cast for themselves."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def flex_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """transformers' FlexAttention function for "sft_flex", with its inputs in the autocast dtype."""
+    from transformers.integrations.flex_attention import flex_attention_forward as transformers_flex
+
+    return transformers_flex(module, *_autocast_inputs(query, key, value), attention_mask, **kwargs)
 
 
 def _varlen_mask(*args, attention_mask=None, **kwargs):
@@ -234,15 +251,20 @@ def _varlen_mask(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-def register_varlen_attention() -> None:
-    """Register "sft_varlen" with transformers (its public extension point; repeated calls are harmless)."""
+def register_attention_functions() -> None:
+    """Register "sft_varlen" and "sft_flex" with transformers (its public extension point; repeated calls are
+    harmless)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+
+    from transformers.masking_utils import flex_attention_mask
 
     global _TORCH_VARLEN
     _TORCH_VARLEN = _load_torch_varlen()
     AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN_IMPLEMENTATION, _varlen_mask)
+    AttentionInterface.register(FLEX_IMPLEMENTATION, flex_attention_forward)
+    AttentionMaskInterface.register(FLEX_IMPLEMENTATION, flex_attention_mask)
 
 
 def set_attention_backend(model, attention: str, device: str) -> None:
@@ -255,13 +277,14 @@ def set_attention_backend(model, attention: str, device: str) -> None:
         ValueError: an unknown backend, or `flex` off CUDA (PyTorch has no FlexAttention backward on CPU).
     """
     if attention == "varlen":
-        register_varlen_attention()
+        register_attention_functions()
         model.set_attn_implementation(VARLEN_IMPLEMENTATION)
     elif attention == "sdpa":
         model.set_attn_implementation("sdpa")
     elif attention == "flex":
         if not str(device).startswith("cuda"):
             raise ValueError("--attention flex needs CUDA (PyTorch has no FlexAttention backward on CPU); use varlen")
-        model.set_attn_implementation("flex_attention")
+        register_attention_functions()
+        model.set_attn_implementation(FLEX_IMPLEMENTATION)
     else:
         raise ValueError(f"unknown attention backend {attention!r}; choose from {ATTENTION_BACKENDS}")
