@@ -263,3 +263,50 @@ def test_kernel_call_follows_each_api(monkeypatch, options):
     out = da.varlen_attention(q, k, v, cu, 9, scale=0.3)
     torch.testing.assert_close(out, sdpa_per_document(q, k, v, cu, 0.3), atol=1e-12, rtol=0)
     assert calls == ([0.3] if options["scale"] else [None])
+
+
+@torch.library.custom_op("sft_tests::varlen_standin", mutates_args=())
+def _varlen_standin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                    max_q: int, max_k: int, window_size: list[int], enable_gqa: bool, scale: float) -> torch.Tensor:
+    return sdpa_per_document(q, k, v, cu_q, scale)
+
+
+@_varlen_standin.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_gqa, scale):
+    return torch.empty_like(q)
+
+
+def test_compiled_layer_on_the_packed_path_has_no_graph_break(monkeypatch, tiny_qwen_dir, tiny_qwen_tokenizer):
+    """One decoder layer as --compile compiles it, packed inputs, bf16 autocast, with an opaque stand-in for the
+    CUDA varlen op (PyTorch registers the real one as a custom op too): dynamo must capture one graph with no break,
+    or every layer would split into eager pieces on the GPU."""
+    import utils.doc_attention as da
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), enable_gqa=False, scale=None):
+        return _varlen_standin(q, k, v, cu_q, cu_k, max_q, max_k, list(window_size), enable_gqa, scale)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    set_attention_backend(model, "varlen", "cpu")
+    monkeypatch.setattr(da, "_flash_capable", lambda q: True)
+    options = {"causal": {"window_size": (-1, 0)}, "gqa": True, "scale": True}
+    monkeypatch.setattr(da, "_TORCH_VARLEN", (kernel, options))
+    _, batch = _packed_batch(tiny_qwen_tokenizer, seed=7)
+    extra = packed_model_inputs(batch["position_ids"], batch["document_ids"], "varlen")
+    layer = model.get_decoder().layers[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.get_decoder().embed_tokens(batch["input_ids"])
+        rope = model.get_decoder().rotary_emb(hidden, batch["position_ids"])
+        kwargs = {k: v for k, v in extra.items() if k != "position_ids"}
+        eager = layer(hidden, attention_mask=None, position_ids=batch["position_ids"], position_embeddings=rope,
+                      use_cache=False, **kwargs)
+        explained = torch._dynamo.explain(layer.__call__)(
+            hidden, attention_mask=None, position_ids=batch["position_ids"], position_embeddings=rope, use_cache=False,
+            **kwargs)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    ref = model.get_decoder().layers[0]
+    set_attention_backend(model, "sdpa", "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the stand-in path computed the right thing, too
+        masked = ref(hidden, attention_mask=document_causal_mask(batch["document_ids"]),
+                     position_ids=batch["position_ids"], position_embeddings=rope, use_cache=False)
+    out, want = (x[0] if isinstance(x, tuple) else x for x in (eager, masked))
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)

@@ -191,7 +191,7 @@ def varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_len: int, 
     return fn(query, key, value, cu, cu, max_len, max_len, **options["causal"], **extra)
 
 
-# ----------------------------------------------------------------------------------------------------------- transformers
+# ------------------------------------------------------------------------------------------------------- transformers
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function for "sft_varlen": (B, H, T, D) inputs -> ((B, T, H, D), None).
 
@@ -200,8 +200,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     (segments found from the positions, which costs a device sync per layer); anything else goes to transformers'
     SDPA function with the mask transformers built, so padded batches and cached generation behave as under "sdpa".
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     B, H, T, D = query.shape
     if cu is None:
@@ -212,6 +210,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
             if len(cu) == B + 1:  # one sequence per row: plain causal attention
                 cu = None
     if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # not on the packed path
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     if dropout > 0.0 and module.training:

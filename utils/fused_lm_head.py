@@ -24,7 +24,9 @@ class _FusedWeightedNLL(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             w_mat = weight.to(dtype)  # (V, H), one cast for all chunks
             grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+            grad_weight = None
+            if ctx.needs_input_grad[1]:  # accumulated over chunks in fp32
+                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             log_probs = torch.empty(N, dtype=torch.float32, device=hidden.device)
             entropy = torch.empty(N, dtype=torch.float32, device=hidden.device)
             for s in range(0, N, chunk_size):
