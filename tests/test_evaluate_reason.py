@@ -160,6 +160,21 @@ def test_majority_vote_groups_answers_by_normal_form():
     assert m["majority_accuracy"] == 1.0
 
 
+def test_majority_vote_joins_numerically_equal_forms():
+    bench = MathBenchmark(grader_workers=1)
+    examples = [{"problem": "p", "expected_answer": "\\frac{1}{2}"}, {"problem": "q", "expected_answer": "3"}]
+    completions = [
+        # by normal form "7" leads 2 to 1 to 1; 0.5 and \frac{1}{2} are one answer with 2 votes, first seen at
+        # sample 0, so the tie with "7" goes to it (right)
+        _completions(["0.5", "7", "7", "\\frac{1}{2}"], [4] * 4),
+        # 3 votes for 3 in three forms against 2 for 4 (right); a wrong form must not join a right one
+        _completions(["4", "3", "3.0", "4", "\\frac{6}{2}"], [4] * 5),
+    ]
+    records = bench.score(examples, completions)
+    assert [[s["reward"] for s in r["samples"]] for r in records] == [[1, 0, 0, 1], [0, 1, 1, 0, 1]]
+    assert bench.summarize(records)["majority_accuracy"] == 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The runner: chunks, resume, guards
 

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from utils.drgrpo_grader import _settle, grade, grade_batch, question_only_reward_fn, r1_zero_reward_fn
+from utils.drgrpo_grader import (_settle, fast_equivalent, grade, grade_batch, question_only_reward_fn,
+                                  r1_zero_reward_fn)
 
 # (model answer, ground truth, equivalent?) written from MATH-style answers, grouped by what they exercise.
 EQUIVALENCE_CASES = [
@@ -242,6 +243,24 @@ TYPICAL_MATH_PAIRS = [("42", "42"), ("42", "24"), (r"\frac{3}{4}", "0.75"), (r"\
 def test_typical_answers_are_settled_without_sympy(answer, ground_truth):
     # grade_batch's speed rests on this: these never reach a worker process.
     assert _settle(answer, ground_truth, fast=True) is not None
+
+
+@pytest.mark.parametrize("answer, ground_truth, expected", EQUIVALENCE_CASES)
+def test_fast_equivalent_never_claims_more_than_grade_and_never_calls_sympy(answer, ground_truth, expected,
+                                                                           monkeypatch):
+    import utils.drgrpo_grader as G
+
+    monkeypatch.setattr(G, "_symbolic_equal", lambda a, b: pytest.fail("fast_equivalent reached sympy"))
+    verdict = fast_equivalent(answer, ground_truth)
+    assert verdict is False or expected is True  # a True is always a true equivalence
+    if (answer, ground_truth) in TYPICAL_MATH_PAIRS:
+        assert verdict is expected
+
+
+def test_fast_equivalent_joins_numeric_forms():
+    assert fast_equivalent("0.5", r"\frac{1}{2}") and fast_equivalent("3.0", r"\dfrac{6}{2}")
+    assert fast_equivalent("1,000", "1000") and fast_equivalent(r"\frac{3}{4}", "0.75")
+    assert not fast_equivalent("2", "3") and not fast_equivalent("x", "")
 
 
 def _r1(answer: str) -> str:

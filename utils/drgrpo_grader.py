@@ -729,6 +729,13 @@ def normalize_answer(answer: str) -> str:
     return _normalize(answer)[0]
 
 
+def fast_equivalent(a: str, b: str) -> bool:
+    """True only when the string and exact-arithmetic stages prove `a` and `b` equivalent (`0.5` and `\\frac{1}{2}`);
+    never calls sympy, so it cannot hang on a pathological answer: for grouping many answers (majority votes) in
+    the main process, where `grade_batch`'s time-limited workers are not at hand."""
+    return _settle(a, b, fast=True) is True
+
+
 def grade(model_answer: str, ground_truth: str, fast: bool = True) -> bool:
     """Whether two answers are mathematically equivalent; symmetric in its two arguments.
 

@@ -188,15 +188,26 @@ class MathBenchmark(Benchmark):
 def _majority_reward(samples: list[dict]) -> float:
     """Reward of the most frequent answer among formatted samples (0 when none is formatted).
 
-    Answers vote by the grader's normal form, so `\\dfrac12` and `\\frac{1}{2}` (or `1,000` and `1000`) vote together;
-    forms equal only numerically (`0.5` vs `\\frac{1}{2}`) still vote apart.
+    Answers vote by the grader's normal form (`\\dfrac12` and `\\frac{1}{2}`, `1,000` and `1000` are one key), and
+    keys the grader's fast stages prove equivalent (`0.5` and `\\frac{1}{2}`; no sympy, so no hang) vote together:
+    each key joins the first earlier group whose first answer it equals. Ties go to the group seen first.
     """
-    from utils.drgrpo_grader import normalize_answer
+    from utils.drgrpo_grader import fast_equivalent, normalize_answer
 
     keys = [normalize_answer(s["answer"]) if s["answer"] is not None else None for s in samples]
-    votes = Counter(k for k in keys if k is not None)
+    group_of: dict[str, int] = {}  # normal form -> group id (ids in order of first appearance)
+    heads: list[str] = []  # each group's first answer
+    for s, key in zip(samples, keys):
+        if key is None or key in group_of:
+            continue
+        match = next((g for g, head in enumerate(heads) if fast_equivalent(s["answer"], head)), None)
+        if match is None:
+            match = len(heads)
+            heads.append(s["answer"])
+        group_of[key] = match
+    votes = Counter(group_of[k] for k in keys if k is not None)
     if not votes:
         return 0.0
     top = max(votes.values())
-    winner = next(s for s, k in zip(samples, keys) if k is not None and votes[k] == top)  # earliest of the ties
+    winner = next(s for s, k in zip(samples, keys) if k is not None and votes[group_of[k]] == top)  # earliest of ties
     return float(winner["reward"])
