@@ -94,6 +94,37 @@ def test_installed_torch_varlen_signature_is_understood():
     assert options["causal"] in ({"is_causal": True}, {"window_size": (-1, 0)})
 
 
+def test_flash_attn_package_is_preferred_and_called_right(monkeypatch):
+    """With flash-attn importable its varlen function is the CUDA kernel: called causal, with the scale, and with
+    the KV heads as they are (it shares them itself); the result equals the per-document reference."""
+    import sys
+    import types
+
+    import utils.doc_attention as da
+
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert causal and dropout_p == 0.0 and k.shape[1] == 2 and q.shape[1] == 4
+        calls.append(softmax_scale)
+        return sdpa_per_document(q, k, v, cu_q, softmax_scale)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+    kernel = da._load_varlen_kernel()
+    assert kernel[1]["name"] == "flash-attn"
+    monkeypatch.setattr(da, "_VARLEN_KERNEL", kernel)
+    monkeypatch.setattr(da, "_flash_capable", lambda q: True)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(12, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(12, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    cu = torch.tensor([0, 5, 12])
+    torch.testing.assert_close(da.varlen_attention(q, k, v, cu, 7, scale=0.25),
+                               sdpa_per_document(q, k, v, cu, 0.25), atol=1e-12, rtol=0)
+    assert calls == [0.25]
+    monkeypatch.delitem(sys.modules, "flash_attn")
+    assert da._load_varlen_kernel()[1]["name"] == "torch varlen_attn"  # without the package: PyTorch's
+
+
 def _packed_batch(tokenizer, n_docs=7, budget=96, pad_to=96, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(5, 40, (n_docs,), generator=g).tolist()
@@ -255,7 +286,7 @@ def test_kernel_call_follows_each_api(monkeypatch, options):
         return sdpa_per_document(q, k, v, cu_q, scale)
 
     monkeypatch.setattr(da, "_flash_capable", lambda q: True)
-    monkeypatch.setattr(da, "_torch_varlen", lambda: (fake_varlen, options))
+    monkeypatch.setattr(da, "_varlen_kernel", lambda: (fake_varlen, options))
     g = torch.Generator().manual_seed(2)
     q = torch.randn(16, 4, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(16, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
@@ -289,7 +320,7 @@ def test_compiled_layer_on_the_packed_path_has_no_graph_break(monkeypatch, tiny_
     set_attention_backend(model, "varlen", "cpu")
     monkeypatch.setattr(da, "_flash_capable", lambda q: True)
     options = {"causal": {"window_size": (-1, 0)}, "gqa": True, "scale": True}
-    monkeypatch.setattr(da, "_TORCH_VARLEN", (kernel, options))
+    monkeypatch.setattr(da, "_VARLEN_KERNEL", (kernel, options))
     _, batch = _packed_batch(tiny_qwen_tokenizer, seed=7)
     extra = packed_model_inputs(batch["position_ids"], batch["document_ids"], "varlen")
     layer = model.get_decoder().layers[0]

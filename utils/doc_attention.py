@@ -2,8 +2,8 @@
 
 - `varlen` (default): a transformers attention function registered as "sft_varlen". Packed micro-batches carry
   `cu_seq_lens_q/k` (int32 document boundaries over the flattened B*T tokens) and `max_length_q/k`; each layer runs
-  PyTorch's flash-attention varlen kernel (`torch.nn.attention.varlen.varlen_attn`, CUDA, bf16/fp16) or, elsewhere,
-  causal SDPA once per document. Work and memory grow with sum(n_i^2), never T^2. Calls without boundaries (padded
+  a flash-attention varlen kernel on CUDA in bf16/fp16 (flash-attn's when installed, else PyTorch's
+  `torch.nn.attention.varlen.varlen_attn`) or, elsewhere, causal SDPA once per document. Work and memory grow with sum(n_i^2), never T^2. Calls without boundaries (padded
   batches, generation) run transformers' own SDPA path, so the same model serves every caller.
 - `sdpa`: a (B, 1, T, T) block-diagonal causal mask (`utils.packing.document_causal_mask`) to SDPA: the reference
   the others are tested against; the mask is O(T^2) and SDPA computes every masked-out block.
@@ -124,23 +124,37 @@ def sdpa_per_document(query, key, value, cu_seqlens: torch.Tensor, scale: float 
     return torch.cat(out)
 
 
-def _load_torch_varlen():
-    """PyTorch's varlen flash-attention function and how to ask it for causal / GQA, or None (torch < 2.10).
+def _load_varlen_kernel():
+    """The CUDA varlen kernel and how to call it, or None: flash-attn's `flash_attn_varlen_func` when the package
+    imports, else PyTorch's `varlen_attn` (torch >= 2.10; 2.10 takes `is_causal=True`, later releases
+    `window_size=(-1, 0)`, newer ones also `scale` and `enable_gqa`).
 
-    torch 2.10 takes `is_causal=True`; later releases take `window_size=(-1, 0)` and have `enable_gqa`.
+    Returns:
+        (function with varlen_attn's calling convention, options as `varlen_call_options` returns plus "name").
     """
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except (ImportError, OSError):  # not installed, or built against another torch / CUDA
+        pass
+    else:
+        def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=True, scale=None, enable_gqa=False):
+            # flash-attn shares KV heads by itself (fewer KV than query heads is allowed), so enable_gqa is moot
+            return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=is_causal)
+
+        return flash_attn_kernel, {"causal": {"is_causal": True}, "gqa": True, "scale": True, "name": "flash-attn"}
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn, varlen_call_options(inspect.signature(varlen_attn).parameters)
+    options = varlen_call_options(inspect.signature(varlen_attn).parameters)
+    return varlen_attn, {**options, "name": "torch varlen_attn"}
 
 
-_TORCH_VARLEN = None  # set by register_attention_functions: looked up once, not inside torch.compile'd layers
+_VARLEN_KERNEL = None  # set by register_attention_functions: looked up once, not inside torch.compile'd layers
 
 
-def _torch_varlen():
-    return _TORCH_VARLEN
+def _varlen_kernel():
+    return _VARLEN_KERNEL
 
 
 def varlen_call_options(parameters) -> dict:
@@ -172,10 +186,10 @@ def _flash_capable(query: torch.Tensor) -> bool:
 def varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
     """Causal attention inside each segment: PyTorch's flash varlen kernel on CUDA in bf16/fp16, else
     `sdpa_per_document`. Shapes as `sdpa_per_document`."""
-    kernel = _torch_varlen()
+    kernel = _varlen_kernel()
     if not (_flash_capable(query) and kernel is not None):
         if query.is_cuda:
-            why = "torch has no varlen_attn" if kernel is None else f"{query.dtype} inputs"
+            why = "no flash-attn and torch has no varlen_attn" if kernel is None else f"{query.dtype} inputs"
             _say_once(f"varlen attention: one SDPA call per document ({why}; the flash varlen kernel needs bf16/fp16)")
         return sdpa_per_document(query, key, value, cu_seqlens, scale)
     fn, options = kernel
@@ -259,8 +273,8 @@ def register_attention_functions() -> None:
 
     from transformers.masking_utils import flex_attention_mask
 
-    global _TORCH_VARLEN
-    _TORCH_VARLEN = _load_torch_varlen()
+    global _VARLEN_KERNEL
+    _VARLEN_KERNEL = _load_varlen_kernel()
     AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN_IMPLEMENTATION, _varlen_mask)
     AttentionInterface.register(FLEX_IMPLEMENTATION, flex_attention_forward)
@@ -279,6 +293,10 @@ def set_attention_backend(model, attention: str, device: str) -> None:
     if attention == "varlen":
         register_attention_functions()
         model.set_attn_implementation(VARLEN_IMPLEMENTATION)
+        if str(device).startswith("cuda"):
+            kernel = _varlen_kernel()
+            print(f"attention: varlen with the {kernel[1]['name']} kernel on packed rows (bf16/fp16)" if kernel else
+                  "attention: varlen as one SDPA call per document (no flash-attn, torch has no varlen_attn)")
     elif attention == "sdpa":
         model.set_attn_implementation("sdpa")
     elif attention == "flex":
