@@ -379,9 +379,9 @@ def compile_decoder_layers(model) -> int:
 def apply_liger_kernels(model) -> None:
     """Liger's Triton kernels for RMSNorm, SwiGLU and RoPE in a Qwen2 or Llama `model` on CUDA.
 
-    The loss stays ours (plain or chunked log-probs): Liger's fused linear cross-entropy returns neither per-token
-    log-probs nor entropies and has no per-token weights, which per-example normalization needs. Liger swaps
-    functions and classes in transformers' modeling module, so models of the same family built later in this
+    The loss stays ours (plain, chunked or fused log-probs): Liger's fused linear cross-entropy returns neither
+    per-token log-probs nor entropies and has no per-token weights, which per-example normalization needs. Liger
+    swaps functions and classes in transformers' modeling module, so models of the same family built later in this
     process get its kernels too.
 
     Raises:
