@@ -149,3 +149,19 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     cuda_only = {n for n, c in bench.CONFIGS.items() if c.get("liger") or c["attention"] == "flex"}
     assert skipped == cuda_only | {"trl-packing-liger"}
     assert ran == (set(bench.CONFIGS) | set(bench.TRL_CONFIGS)) - skipped
+
+
+def test_liger_rows_are_skipped_with_the_reason_when_liger_cannot_load(monkeypatch):
+    """On the GPU a carried Liger wheel can fail to import; its rows must be skipped with the reason, not abort the
+    stage (apply_liger_kernels exits the process)."""
+    bench = _load()
+    cfg = bench.CONFIGS["packed+fused+liger"]
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert "not installed" in bench.our_skip_reason(cfg, "cuda")
+
+    def broken(name):
+        raise RuntimeError("triton version mismatch")
+
+    monkeypatch.setattr(bench.importlib, "import_module", broken)
+    assert bench.our_skip_reason(cfg, "cuda") == "liger_kernel does not import: RuntimeError: triton version mismatch"
+    assert bench.our_skip_reason(bench.CONFIGS["packed+fused"], "cuda") == ""

@@ -237,8 +237,13 @@ def save_results(path: str, meta: dict, rows: list[dict]) -> None:
 def our_skip_reason(cfg: dict, device: str) -> str:
     """Why one of our configs cannot run here ('' when it can)."""
     if device.startswith("cuda"):
-        if cfg.get("liger") and importlib.util.find_spec("liger_kernel") is None:
-            return "liger-kernel is not installed (gpu_bench.sh installs carried wheels)"
+        if cfg.get("liger"):  # imported, not just found: a carried wheel can mismatch the image's triton
+            try:
+                importlib.import_module("liger_kernel.transformers")
+            except ModuleNotFoundError:
+                return "liger-kernel is not installed (gpu_bench.sh installs carried wheels)"
+            except Exception as e:
+                return f"liger_kernel does not import: {type(e).__name__}: {e}"
         return ""
     needs = [what for what in CUDA_ONLY if cfg.get(what) or cfg.get("attention") == what]
     return f"{' and '.join(needs)} {'need' if len(needs) > 1 else 'needs'} CUDA" if needs else ""
