@@ -165,3 +165,26 @@ def test_liger_rows_are_skipped_with_the_reason_when_liger_cannot_load(monkeypat
     monkeypatch.setattr(bench.importlib, "import_module", broken)
     assert bench.our_skip_reason(cfg, "cuda") == "liger_kernel does not import: RuntimeError: triton version mismatch"
     assert bench.our_skip_reason(bench.CONFIGS["packed+fused"], "cuda") == ""
+
+
+def test_a_failing_config_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    """One GPU call measures everything: a config that crashes (a kernel failing on the card) is recorded with its
+    error, later configs still run and save, and the run exits non-zero at the end."""
+    bench = _load()
+    real = bench.run_config
+
+    def flaky(name, *args):
+        if name == "packed":
+            raise RuntimeError("kernel failed")
+        return real(name, *args)
+
+    monkeypatch.setattr(bench, "run_config", flaky)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit, match=r"configs that failed: \['packed'\]"):
+        bench.main(["--shape", "tiny", "--steps", "2", "--examples-per-step", "4", "--length-scale", "0.1",
+                    "--max-len", "256", "--pack-tokens", "400", "--device", "cpu", "--output", str(out),
+                    "--configs", "padded,packed,packed+fused"])
+    saved = json.loads(out.read_text())["results"]
+    assert [r["config"] for r in saved] == ["padded", "packed", "packed+fused"]
+    assert saved[1]["error"] == "RuntimeError: kernel failed" and "tokens_per_s" in saved[2]
+    assert "RuntimeError: kernel failed" in capsys.readouterr().err
