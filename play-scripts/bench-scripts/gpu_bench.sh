@@ -18,7 +18,7 @@
 #
 # Environment: WHEELS (default .wheels), OUT (the device tool's output folder; JSON and log are copied there),
 # RESULTS (default results/bench), PYTHON (default python3), DRY_RUN=1 (every stage on the CPU with the tiny shape,
-# in about a minute: checks this script before it spends GPU time; flex and Liger rows are skipped there).
+# in about 30 s: checks this script before it spends GPU time; flex and Liger rows are skipped there).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -68,7 +68,7 @@ stage() {  # stage NAME SECONDS ARGS...: one bench process, output appended to t
     shift 2
     echo "== $name"
     timeout "$limit" "$PYTHON" "$BENCH" --device cuda --output "$RESULTS/train-throughput-$name-$card-$day.json" \
-        "$@" "${dry[@]}" 2>&1 | tee -a "$log" || status=1
+        "$@" ${dry[@]+"${dry[@]}"} 2>&1 | tee -a "$log" || status=1  # (empty-array form safe under set -u)
 }
 
 # 1. correctness on the GPU, 4 of the 28 layers: every attention backend and kernel option against the padded
