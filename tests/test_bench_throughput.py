@@ -149,6 +149,8 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     cuda_only = {n for n, c in bench.CONFIGS.items() if c.get("liger") or c["attention"] == "flex"}
     assert skipped == cuda_only | {"trl-packing-liger"}
     assert ran == (set(bench.CONFIGS) | set(bench.TRL_CONFIGS)) - skipped
+    lm_head = json.loads(next(tmp_path.glob("lm-head-cpu-dry-run-*.json")).read_text())
+    assert [r["path"] for r in lm_head["results"]] == ["plain", "chunked", "fused"]
 
 
 def test_liger_rows_are_skipped_with_the_reason_when_liger_cannot_load(monkeypatch):
@@ -188,3 +190,17 @@ def test_a_failing_config_is_reported_and_the_others_still_run(tmp_path, monkeyp
     assert [r["config"] for r in saved] == ["padded", "packed", "packed+fused"]
     assert saved[1]["error"] == "RuntimeError: kernel failed" and "tokens_per_s" in saved[2]
     assert "RuntimeError: kernel failed" in capsys.readouterr().err
+
+
+def test_lm_head_bench_paths_agree(tmp_path):
+    """The loss-head benchmark's three paths give one loss and one gradient (fp32, small shape)."""
+    spec = importlib.util.spec_from_file_location("bench_lm_head", REPO / "play-scripts/bench-scripts/bench_lm_head.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "lm.json"
+    rows = mod.main(["--device", "cpu", "--tokens", "48", "--hidden", "32", "--vocab", "300", "--chunk-size", "16",
+                     "--repeats", "1", "--out", str(out)])
+    assert [r["path"] for r in rows] == ["plain", "chunked", "fused"]
+    assert all(r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-6) and r["max_grad_diff"] < 1e-6 for r in rows)
+    saved = json.loads(out.read_text())
+    assert saved["versions"]["torch"] and saved["results"][2]["tokens_per_s"] > 0

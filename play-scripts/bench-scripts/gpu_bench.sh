@@ -2,7 +2,7 @@
 # The one command a GPU session runs for the training-throughput issue: install the carried wheels, check on the GPU
 # that no packing / attention / kernel option changes our step's loss (bf16), then time our configs and TRL's
 # SFTTrainer on the Qwen2.5-1.5B shape, one JSON file per stage. Every stage has a time limit: the whole script ends
-# within 7.5 minutes (plus the wheel install) even when a stage hangs.
+# within about 8 minutes (plus the wheel install) even when a stage hangs.
 #
 # Prepare the wheels on the CPU machine, from the repo root (the GPU machine has no network; its image already has
 # torch 2.11, transformers 5.17, accelerate 1.15, triton, pyarrow, pandas, xxhash, fsspec, huggingface-hub):
@@ -13,8 +13,8 @@
 #   (all five are pure-Python wheels, 2.7 MB together; trl's other needs are on the image)
 #
 # Run it (device tool), then copy the JSON it returns under results/bench/ and delete .wheels/:
-#   run(command="bash play-scripts/bench-scripts/gpu_bench.sh", carry=[".wheels"], timeout_s=500)
-# The stages' limits add up to 450 s, which leaves a 15-minute device budget room to rerun one stage.
+#   run(command="bash play-scripts/bench-scripts/gpu_bench.sh", carry=[".wheels"], timeout_s=540)
+# The stages' limits add up to 490 s, which leaves a 15-minute device budget room to rerun one stage.
 #
 # Environment: WHEELS (default .wheels), OUT (the device tool's output folder; JSON and log are copied there),
 # RESULTS (default results/bench), PYTHON (default python3), DRY_RUN=1 (every stage on the CPU with the tiny shape,
@@ -75,6 +75,13 @@ stage() {  # stage NAME SECONDS ARGS...: one bench process, output appended to t
 #    reference, loss after step 1 within bf16 tolerance (the bench exits non-zero otherwise)
 stage check 80 --shape qwen2.5-1.5b --num-layers 4 --steps 2 --warmup-steps 1 --examples-per-step 16 \
     --configs padded,packed-mask,packed,packed+chunked,packed+fused,packed-flex+fused,packed+fused+liger
+
+# 1b. the loss head alone (plain / chunked / fused), Qwen2.5-1.5B's head on an 8,192-token row: time and memory
+if [ ${#dry[@]} -gt 0 ]; then lm_head_args=(--device cpu --tokens 64 --vocab 512 --hidden 64 --chunk-size 16 --repeats 1)
+else lm_head_args=(--device cuda); fi
+echo "== lm-head"
+timeout 40 "$PYTHON" play-scripts/bench-scripts/bench_lm_head.py "${lm_head_args[@]}" \
+    --out "$RESULTS/lm-head-$card-$day.json" 2>&1 | tee -a "$log" || status=1
 
 # 2. the comparison the issue asks for, most important rows first: our step vs TRL with packing (no Liger) ...
 stage core 130 --shape qwen2.5-1.5b --configs padded,packed+fused,packed+chunked,trl-packing,trl-packing-nogc
