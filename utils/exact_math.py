@@ -1,0 +1,421 @@
+"""The grader's stage 2: a small exact evaluator for normalized LaTeX answers (`utils.drgrpo_grader` stage 1 output).
+
+Reads numbers, `\\frac`, `\\sqrt`, `\\pi`, `\\infty`, powers, factorials and single-letter variables (compared at
+two fixed rational points) inside tuples, intervals, sets, bare lists and pmatrix, with Fractions (floats once
+`\\sqrt` or `\\pi` appear). `fast_compare` returns a verdict only when it understood both sides and None otherwise,
+so the symbolic stage decides; `compare_text` settles answers that are words. Nothing here can run unbounded:
+exponents, factorials and exact integer sizes are capped (`MAX_EXPONENT`, `MAX_FACTORIAL`, `MAX_EXACT_BITS`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+
+REL_TOL = 1e-6  # decimals vs exact values; 0.333 vs 1/3 differs by 1e-3 relative, rounding noise in 7+ digits passes
+MAX_EXPONENT = 10_000  # 2^{2007} passes, 9^{9^{9}} (exponent 387,420,489) not; also bounds \binom arguments
+MAX_FACTORIAL = 1000
+MAX_EXACT_BITS = 10_000  # above this size an exact power falls back to floats (which may overflow -> undecided)
+
+
+class Undecided(Exception):
+    """The fast evaluator met something it does not model; the symbolic stage decides."""
+
+
+_TOKEN = re.compile(r"\d+\.\d+|\d+|\\[a-zA-Z]+|\\[{}]|\S")
+_GREEK = {"\\alpha", "\\beta", "\\gamma", "\\delta", "\\theta", "\\lambda", "\\mu", "\\sigma", "\\phi", "\\omega"}
+_ATOM_START = {"\\frac", "\\sqrt", "\\pi", "\\infty", "(", "{"} | _GREEK
+
+
+class Parser:
+    """Recursive-descent parser from normalized LaTeX to a tuple AST; raises Undecided outside its grammar."""
+
+    def __init__(self, text: str):
+        self.tokens = [t for t in _TOKEN.findall(text) if t != " "]
+        self.pos = 0
+
+    def peek(self) -> str | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self, expected: str | None = None) -> str:
+        token = self.peek()
+        if token is None or (expected is not None and token != expected):
+            raise Undecided
+        self.pos += 1
+        return token
+
+    def parse(self) -> tuple:
+        node = self.expr()
+        if self.peek() is not None:
+            raise Undecided
+        return node
+
+    def expr(self) -> tuple:
+        node = self.term()
+        while self.peek() in ("+", "-"):
+            node = ("add" if self.take() == "+" else "sub", node, self.term())
+        return node
+
+    def term(self) -> tuple:
+        node, saw_slash = self.unary(), False
+        while True:
+            token = self.peek()
+            if token in ("*", "\\cdot", "\\times", "/", "\\div"):
+                self.take()
+                op = "div" if token in ("/", "\\div") else "mul"
+                saw_slash |= token == "/"
+                node = (op, node, self.unary())
+            elif token is not None and (token in _ATOM_START or token.isalpha() or token[0].isdigit()):
+                # `1/2x` reads as 1/(2x) to some and (1/2)x to others; `2\frac12` is a mixed number to others
+                if saw_slash or (token == "\\frac" and (node[0] == "num" or node[0] == "neg" and node[1][0] == "num")):
+                    raise Undecided
+                node = ("mul", node, self.power())
+            else:
+                return node
+
+    def unary(self) -> tuple:
+        if self.peek() == "-":
+            self.take()
+            return ("neg", self.unary())
+        if self.peek() == "+":
+            self.take()
+            return self.unary()
+        return self.power()
+
+    def power(self) -> tuple:
+        node = self.atom()
+        while self.peek() in ("^", "!"):
+            if self.take() == "!":
+                node = ("fact", node)
+                continue
+            if self.peek() == "{":
+                node = ("pow", node, self.group())
+            else:
+                token = self.take()
+                if not (token.isdigit() and len(token) == 1) and not (token.isalpha() and len(token) == 1):
+                    raise Undecided  # TeX takes one character: x^23 is x^2 * 3
+                node = ("pow", node, ("num", Fraction(token), False) if token.isdigit() else ("var", token))
+        return node
+
+    def group(self) -> tuple:
+        self.take("{")
+        node = self.expr()
+        self.take("}")
+        return node
+
+    def atom(self) -> tuple:
+        token = self.take()
+        if token[0].isdigit():
+            return ("num", Fraction(token), "." in token)
+        if token == "(":
+            node = self.expr()
+            self.take(")")
+            return node
+        if token == "{":
+            self.pos -= 1
+            return self.group()
+        if token == "\\frac":
+            return ("div", self.group(), self.group())
+        if token == "\\sqrt":
+            index = None
+            if self.peek() == "[":
+                self.take()
+                index = self.expr()
+                self.take("]")
+            return ("root", self.group(), index)
+        if token == "\\pi":
+            return ("pi",)
+        if token == "\\infty":
+            return ("inf",)
+        if token in _GREEK or (len(token) == 1 and token.isascii() and token.isalpha() and token not in "ei"):
+            return ("var", token)  # e and i may mean Euler's number / the imaginary unit: leave them to sympy
+        raise Undecided
+
+
+class _Val:
+    """A value: exact Fraction when known, float approximation, and whether a decimal literal fed into it."""
+
+    __slots__ = ("exact", "approx", "decimal")
+
+    def __init__(self, exact: Fraction | None, approx: float | None, decimal: bool):
+        self.exact, self.approx, self.decimal = exact, approx, decimal
+
+    @classmethod
+    def of_exact(cls, value: Fraction, decimal: bool) -> "_Val":
+        try:
+            approx = float(value)
+        except OverflowError:
+            approx = None  # compared exactly, or undecided against an inexact value
+        return cls(value, approx, decimal)
+
+
+def evaluate(node: tuple, env: dict[str, Fraction]) -> _Val:
+    """Value of an AST at one assignment of its variables; raises Undecided on overflow, complex or huge results."""
+    kind = node[0]
+    if kind == "num":
+        return _Val.of_exact(node[1], node[2])
+    if kind == "var":
+        return _Val.of_exact(env[node[1]], False)
+    if kind == "pi":
+        return _Val(None, math.pi, False)
+    if kind == "inf":
+        return _Val(None, math.inf, False)
+    if kind == "neg":
+        x = evaluate(node[1], env)
+        return _Val(-x.exact if x.exact is not None else None, -x.approx if x.approx is not None else None, x.decimal)
+    if kind == "fact":
+        x = evaluate(node[1], env)
+        if x.exact is None or x.exact.denominator != 1 or not 0 <= x.exact <= MAX_FACTORIAL:
+            raise Undecided
+        return _Val.of_exact(Fraction(math.factorial(int(x.exact))), x.decimal)
+    if kind == "root":
+        return _root(evaluate(node[1], env), evaluate(node[2], env) if node[2] is not None else None)
+    a, b = evaluate(node[1], env), evaluate(node[2], env)
+    decimal = a.decimal or b.decimal
+    if math.isinf(a.approx or 0.0) or math.isinf(b.approx or 0.0):
+        raise Undecided  # arithmetic on infinity: only a bare (possibly negated) \infty is compared
+    if kind == "pow":
+        return _power(a, b, decimal)
+    if a.exact is not None and b.exact is not None:
+        if kind == "add":
+            return _Val.of_exact(a.exact + b.exact, decimal)
+        if kind == "sub":
+            return _Val.of_exact(a.exact - b.exact, decimal)
+        if kind == "mul":
+            return _Val.of_exact(a.exact * b.exact, decimal)
+        if b.exact == 0:
+            raise Undecided
+        return _Val.of_exact(a.exact / b.exact, decimal)
+    if a.approx is None or b.approx is None:
+        raise Undecided
+    if kind == "add":
+        value = a.approx + b.approx
+    elif kind == "sub":
+        value = a.approx - b.approx
+    elif kind == "mul":
+        value = a.approx * b.approx
+    elif b.approx == 0:
+        raise Undecided
+    else:
+        value = a.approx / b.approx
+    if not math.isfinite(value):
+        raise Undecided
+    return _Val(None, value, decimal)
+
+
+def _power(base: _Val, exponent: _Val, decimal: bool) -> _Val:
+    e = exponent.exact
+    if base.exact is not None and e is not None and e.denominator == 1 and abs(e) <= MAX_EXPONENT:
+        size = max(base.exact.numerator.bit_length(), base.exact.denominator.bit_length()) * abs(int(e))
+        if size <= MAX_EXACT_BITS and not (base.exact == 0 and e < 0):
+            return _Val.of_exact(base.exact ** int(e), decimal)
+    if base.approx is None or exponent.approx is None or (base.approx < 0 and (e is None or e.denominator != 1)):
+        raise Undecided
+    try:
+        value = math.pow(base.approx, exponent.approx)
+    except (OverflowError, ValueError, ZeroDivisionError):
+        raise Undecided from None
+    return _Val(None, value, decimal)
+
+
+def _root(x: _Val, index: _Val | None) -> _Val:
+    n = 2 if index is None else index.exact
+    if n is None or n.denominator != 1 or not 2 <= n <= 10:
+        raise Undecided
+    n = int(n)
+    if x.exact is not None and (x.exact >= 0 or n % 2 == 1):
+        sign = -1 if x.exact < 0 else 1
+        num, den = abs(x.exact.numerator), x.exact.denominator
+        if max(num.bit_length(), den.bit_length()) <= MAX_EXACT_BITS:
+            rn, rd = _integer_root(num, n), _integer_root(den, n)
+            if rn is not None and rd is not None:
+                return _Val.of_exact(sign * Fraction(rn, rd), x.decimal)
+    if x.approx is None or (x.approx < 0 and n % 2 == 0):
+        raise Undecided
+    return _Val(None, math.copysign(abs(x.approx) ** (1.0 / n), x.approx), x.decimal)
+
+
+def _integer_root(value: int, n: int) -> int | None:
+    root = round(value ** (1.0 / n)) if value < 2**1000 else None
+    if root is None:
+        return None
+    for candidate in (root - 1, root, root + 1):
+        if candidate >= 0 and candidate**n == value:
+            return candidate
+    return None
+
+
+def _variables(node: tuple) -> set[str]:
+    if node[0] == "var":
+        return {node[1]}
+    return set().union(*(_variables(child) for child in node[1:] if isinstance(child, tuple)))
+
+
+# Two fixed rational points, one positive and one negative: two different rational functions agree at both only
+# when both are roots of their difference, and exact arithmetic keeps polynomial answers exact. The negative point
+# tells \sqrt{x^2} (= |x|) from x; where it makes a \sqrt negative the comparison is left to sympy.
+_POINTS = (
+    [Fraction(p, q) for p, q in [(17, 11), (29, 13), (41, 19), (53, 23), (67, 29), (79, 31), (89, 37), (97, 41)]],
+    [Fraction(-p, q) for p, q in [(31, 7), (23, 17), (61, 43), (37, 11), (71, 47), (13, 5), (59, 53), (83, 9)]],
+)
+
+
+def _compare_values(a: _Val, b: _Val) -> bool | None:
+    """Equality of two values: exact when both are exact, REL_TOL when a decimal is involved, else floats."""
+    if a.approx is not None and math.isinf(a.approx) or b.approx is not None and math.isinf(b.approx):
+        return a.approx == b.approx
+    if a.exact is not None and b.exact is not None and (a.exact == b.exact or not (a.decimal or b.decimal)):
+        return a.exact == b.exact
+    if a.approx is None or b.approx is None:
+        return None
+    if a.decimal or b.decimal:
+        return math.isclose(a.approx, b.approx, rel_tol=REL_TOL, abs_tol=1e-12)
+    if math.isclose(a.approx, b.approx, rel_tol=1e-12, abs_tol=1e-12):
+        return True  # exact forms (radicals, pi) agreeing to 12 digits: the same number for any MATH answer
+    if not math.isclose(a.approx, b.approx, rel_tol=1e-6, abs_tol=1e-9):
+        return False
+    return None
+
+
+def _compare_scalars(a: str, b: str) -> bool | None:
+    try:
+        tree_a, tree_b = Parser(a).parse(), Parser(b).parse()
+        names = sorted(_variables(tree_a) | _variables(tree_b))
+        if len(names) > len(_POINTS[0]):
+            return None
+        verdicts = set()
+        for point in _POINTS:
+            env = dict(zip(names, point))
+            verdicts.add(_compare_values(evaluate(tree_a, env), evaluate(tree_b, env)))
+    except (Undecided, ZeroDivisionError, OverflowError, ValueError, RecursionError):
+        return None
+    return False if False in verdicts else (None if None in verdicts else True)
+
+
+_OPEN, _CLOSE = ("(", "[", "{", "\\{"), (")", "]", "}", "\\}")
+
+
+def _split_top(s: str) -> list[str] | None:
+    """Split on commas outside any bracket; None when brackets do not balance."""
+    parts, depth, start = [], 0, 0
+    for token in re.finditer(r"\\[{}]|[()\[\]{},]", s):
+        t = token.group(0)
+        if t in _OPEN:
+            depth += 1
+        elif t in _CLOSE:
+            depth -= 1
+            if depth < 0:
+                return None
+        elif depth == 0:
+            parts.append(s[start : token.start()])
+            start = token.end()
+    parts.append(s[start:])
+    return parts if depth == 0 else None
+
+
+def _encloses(s: str, open_len: int, close_len: int) -> bool:
+    """Whether the first bracket of s is closed by its last one (so `(1,2)` yes, `(1)+(2)` no)."""
+    inner = _split_top(s[open_len:-close_len].replace(",", ""))
+    return inner is not None and len(s) > open_len + close_len
+
+
+def _structure(s: str) -> tuple[str, object] | None:
+    """('scalar', s) | ('seq', (open, close, parts)) | ('set', parts) | ('matrix', rows); None for other shapes."""
+    if s.startswith("\\begin{pmatrix}") and s.endswith("\\end{pmatrix}"):
+        body = s[len("\\begin{pmatrix}") : -len("\\end{pmatrix}")]
+        return "matrix", [row.split("&") for row in body.split("\\\\")]
+    if "\\cup" in s or "\\begin" in s:
+        return None
+    if s.startswith("\\{") and s.endswith("\\}") and _encloses(s, 2, 2):
+        parts = _split_top(s[2:-2])
+        return ("set", parts) if parts else None
+    if s[0] in "([" and s[-1] in ")]" and _encloses(s, 1, 1):
+        parts = _split_top(s[1:-1])
+        if parts and len(parts) > 1:
+            return "seq", (s[0], s[-1], parts)
+    parts = _split_top(s)
+    if parts is None:
+        return None
+    return ("set", parts) if len(parts) > 1 else ("scalar", s)  # a bare list answers "find all x": unordered
+
+
+def _all(verdicts) -> bool | None:
+    seen_none = False
+    for verdict in verdicts:
+        if verdict is False:
+            return False
+        seen_none |= verdict is None
+    return None if seen_none else True
+
+
+def _compare_sets(a: list[str], b: list[str]) -> bool | None:
+    if len(a) != len(b):
+        return False
+    unmatched, undecided = list(b), False
+    for x in a:
+        verdicts = [_compare_scalars(x, y) for y in unmatched]
+        if True in verdicts:
+            unmatched.pop(verdicts.index(True))
+        elif None in verdicts:
+            undecided = True
+        else:
+            return False
+    return None if undecided else True
+
+
+def _compare_structures(a: str, b: str) -> bool | None:
+    sa, sb = _structure(a), _structure(b)
+    if sa is None or sb is None or sa[0] != sb[0]:
+        return None  # e.g. a tuple against a set: math-verify knows these conventions
+    kind, x, y = sa[0], sa[1], sb[1]
+    if kind == "scalar":
+        return _compare_scalars(x, y)
+    if kind == "set":
+        return _compare_sets(x, y)
+    if kind == "seq":
+        if x[:2] != y[:2] or len(x[2]) != len(y[2]):  # brackets are part of the answer: [1,2) != [1,2]
+            return False
+        return _all(_compare_scalars(p, q) for p, q in zip(x[2], y[2]))
+    if [len(row) for row in x] != [len(row) for row in y]:
+        return False
+    return _all(_compare_scalars(p, q) for row_x, row_y in zip(x, y) for p, q in zip(row_x, row_y))
+
+
+def _plain_text(s: str) -> str:
+    """Lower-case plain text of a LaTeX string (pylatexenc renders `\\emph{odd}`, accents, ...), spaces removed."""
+    from pylatexenc.latex2text import LatexNodes2Text
+
+    if "\\" in s:
+        try:
+            s = LatexNodes2Text().latex_to_text(s)
+        except Exception:  # pylatexenc is tolerant by default; anything it still rejects is not a word answer
+            return ""
+    return re.sub(r"^\((\w)\)$", r"\1", re.sub(r"\s+", "", s).rstrip(".")).lower()
+
+
+def compare_text(a: str, b: str) -> bool | None:
+    """Word answers (`\\text{Monday}`, `\\emph{odd}`, `(C)`): decide only when both read as letters alone.
+
+    Two different letter strings are different words. Read as products of variables (`ab` vs `ba`) they could be
+    equal, but MATH writes such answers in one order, and `no` vs `on` must not match.
+    """
+    if any(c.isdigit() for c in a + b):
+        return None
+    ta, tb = _plain_text(a), _plain_text(b)
+    if all(t.isalpha() and t.isascii() for t in (ta, tb)):  # `\\pi r` renders as `πr`: math, not a word
+        return ta == tb
+    return None
+
+
+def fast_compare(a: str, b: str, percent_a: bool, percent_b: bool) -> bool | None:
+    """Stage 2 on normalized strings; a percent side may also be read as a fraction of 100."""
+    candidates = [(a, b)]
+    if percent_a:
+        candidates.append((f"\\frac{{{a}}}{{100}}", b))
+    if percent_b:
+        candidates.append((a, f"\\frac{{{b}}}{{100}}"))
+    verdicts = [_compare_structures(x, y) for x, y in candidates]
+    if True in verdicts:
+        return True
+    return False if all(v is False for v in verdicts) else None
