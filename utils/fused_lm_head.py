@@ -57,9 +57,11 @@ class _FusedWeightedNLL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_log_probs, _grad_entropy):
+        # Scaled in place: no second (V, H) fp32 buffer (0.9 GB for Qwen2.5-1.5B's head). The graph is freed after
+        # this backward (no retain_graph in the train step), so the saved gradients are not read again.
         grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
-        gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        gh = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)) if grad_hidden is not None else None
+        gw = grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
         return gh, gw, None, None, None
 
 
