@@ -341,3 +341,15 @@ def test_compiled_layer_on_the_packed_path_has_no_graph_break(monkeypatch, tiny_
                      position_ids=batch["position_ids"], position_embeddings=rope, use_cache=False)
     out, want = (x[0] if isinstance(x, tuple) else x for x in (eager, masked))
     torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)
+
+
+def test_varlen_refuses_attention_features_it_does_not_implement(tiny_qwen_dir, tiny_qwen_tokenizer):
+    """A sliding window (or softcap, or sinks) would be silently ignored by per-document causal attention: refuse."""
+    cfg = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir).config
+    cfg.use_sliding_window, cfg.sliding_window, cfg.layer_types = True, 4, ["sliding_attention"] * cfg.num_hidden_layers
+    model = AutoModelForCausalLM.from_config(cfg)
+    set_attention_backend(model, "varlen", "cpu")
+    _, batch = _packed_batch(tiny_qwen_tokenizer, seed=8)
+    with pytest.raises(NotImplementedError, match="sliding_window"):
+        get_response_log_probs(model, batch["input_ids"], batch["labels"],
+                               **packed_model_inputs(batch["position_ids"], batch["document_ids"], "varlen"))

@@ -230,6 +230,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
                                       **kwargs)
     if dropout > 0.0 and module.training:
         raise NotImplementedError("sft_varlen attention has no attention dropout (Qwen2 and Llama train without)")
+    unsupported = [k for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None]
+    if unsupported:  # plain causal attention per document would silently ignore them
+        raise NotImplementedError(f"sft_varlen attention does not implement {unsupported} (this model uses them); "
+                                  "use --attention sdpa or flex")
     if key.shape[2] != T:
         raise ValueError(f"varlen attention needs as many keys as queries ({key.shape[2]} vs {T}); no KV cache")
     query, key, value = _autocast_inputs(query, key, value)
