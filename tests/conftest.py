@@ -112,6 +112,20 @@ def diversified_copy(src: Path, dst: Path, std: float = 0.15, seed: int = 1) -> 
     return dst
 
 
+def load_script(relative_path: str):
+    """Import a play-script (not a package module) by its path from the repo root, e.g.
+    `load_script("play-scripts/data-scripts/make_math_splits.py")`. Registered in sys.modules under its file stem,
+    since dataclasses look their module up while the class is built."""
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (test servers and torchrun rendezvous bind only there)."""
     with socket.socket() as s:

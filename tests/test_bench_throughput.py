@@ -6,15 +6,13 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench", REPO / "play-scripts/bench-scripts/bench_train_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("play-scripts/bench-scripts/bench_train_throughput.py")
 
 
 def test_bench_tiny_shape_packed_equals_padded(tmp_path, capsys):
@@ -194,9 +192,7 @@ def test_a_failing_config_is_reported_and_the_others_still_run(tmp_path, monkeyp
 
 def test_lm_head_bench_paths_agree(tmp_path):
     """The loss-head benchmark's three paths give one loss and one gradient (fp32, small shape)."""
-    spec = importlib.util.spec_from_file_location("bench_lm_head", REPO / "play-scripts/bench-scripts/bench_lm_head.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("play-scripts/bench-scripts/bench_lm_head.py")
     out = tmp_path / "lm.json"
     rows = mod.main(["--device", "cpu", "--tokens", "48", "--hidden", "32", "--vocab", "300", "--chunk-size", "16",
                      "--repeats", "1", "--out", str(out)])

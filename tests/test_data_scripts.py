@@ -6,7 +6,6 @@ the offline backend through utils.inference (HF engine), and hand-written teache
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, has_vllm
+from conftest import load_script as load_repo_script
 
 from utils.drgrpo_grader import r1_zero_reward_fn
 from utils.helper_fns import read_jsonl
@@ -27,11 +27,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "data"
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "play-scripts" / "data-scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script(f"play-scripts/data-scripts/{name}.py")
 
 
 download, splits, traces, build = (

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from pathlib import Path
 
 import pytest
+from conftest import load_script as load_plot_script
 
 from utils.helper_fns import read_jsonl, write_json
 from utils.metrics_logger import MetricsLogger
@@ -25,10 +25,7 @@ CATEGORIES = {"STEM": 0.0, "humanities": 0.05, "social sciences": 0.1, "other": 
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_plot_script(f"play-scripts/plot-scripts/{name}.py")
 
 
 plot_reason, plot_instruct, make_readme = (load_script(n) for n in ("plot_reason", "plot_instruct", "make_results_readme"))

@@ -1,19 +1,15 @@
 """The dataset-size sweep driver: runs, summary table equal to the runs' own final evals, resume."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("sweep", REPO / "play-scripts/eval-scripts/reason_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("play-scripts/eval-scripts/reason_sweep.py")
 
 
 def test_sweep_runs_summarizes_and_resumes(tmp_path, monkeypatch):
