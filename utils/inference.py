@@ -385,6 +385,10 @@ def load_policy_into_vllm_instance(policy, llm, check_prompt_ids: list[int] | No
     reload (0.014 s for the tiny test model on CPU). vLLM copies each tensor into its own parameters, casting dtype and
     moving device, so the policy may live in another dtype or on another GPU.
 
+    Then resets vLLM's prefix cache: it keys the KV of full prompt blocks by token ids alone, and a reload does not
+    clear it, so without the reset every prompt seen before the sync (the same validation prompts, every evaluation)
+    would be scored with KV computed by the old weights. Any code that changes an engine's weights must reset it.
+
     Args:
         policy: the HF causal LM being trained (torch.compile'd or not).
         llm: a `vllm.LLM` made by `init_vllm` from the same architecture.
@@ -396,6 +400,9 @@ def load_policy_into_vllm_instance(policy, llm, check_prompt_ids: list[int] | No
     """
     weights = list(policy_state_dict(policy).items())
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM refused to reset its prefix cache after a weight sync (requests still hold KV "
+                           "blocks); generating now would reuse prompt KV computed with the old weights")
     if check_prompt_ids is not None:
         check_vllm_matches_policy(policy, llm, check_prompt_ids, max_tokens=check_max_tokens, tolerance=check_tolerance)
 
