@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> dict:
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
     from utils.metrics_logger import MetricsLogger, format_step_line
-    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, gpu_step_metrics, latest_checkpoint, load_checkpoint, load_policy,
+    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, MFU_FORMULA, attention_width, gpu_step_metrics, matmul_parameters, step_flop_counts, training_flops, latest_checkpoint, load_checkpoint, load_policy,
                                 lr_at_step, model_dtype_for, resolve_precision, save_checkpoint, train_step)
 
     check_args(args)
@@ -175,12 +175,16 @@ def main(args: argparse.Namespace) -> dict:
         f"{rows_per_step} ({rows_per_step * args.seq_length} tokens); {steps} steps; packing {args.packing}; "
         f"precision {precision} on {device}")
 
+    # MFU inputs (utils.training.MFU_FORMULA), read before any FSDP sharding or compile wrapping hides them
+    n_matmul, n_layers = matmul_parameters(model), model.config.num_hidden_layers
+    attn_width, policy_device = attention_width(model.config), next(model.parameters()).device
+    if device.startswith("cuda"):
+        say(f"{MFU_FORMULA}; peak {args.peak_tflops:g} TFLOP/s (--peak-tflops)")
     if args.compile:
         say(f"compile: {compile_decoder_layers(model)} decoder layers (torch.compile, first steps are slow)")
     if info.enabled:
         D.shard_model(model, info, precision)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
-    n_params = sum(p.numel() for p in model.parameters())
     start_step = 0
     if resume_from is not None:
         start_step = load_checkpoint(resume_from, model, optimizer, info)["step"]
@@ -230,8 +234,10 @@ def main(args: argparse.Namespace) -> dict:
             except NonFiniteLossError as e:
                 raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none saved yet'}")
             metrics = {f"train/{k}": v for k, v in stats.items()}
-            if device.startswith("cuda"):  # MFU per GPU: global tokens/s over the ranks
-                metrics.update(gpu_step_metrics(n_params, stats["tokens_per_s"] / info.world_size, args.peak_tflops))
+            if device.startswith("cuda"):  # MFU of this rank's GPU: its own tokens over the step time
+                tokens, pairs = step_flop_counts(micro)
+                flops = training_flops(n_matmul, n_layers, attn_width, tokens, pairs)
+                metrics.update(gpu_step_metrics(flops, stats["step_time_s"], args.peak_tflops, policy_device))
             say(format_step_line(step, metrics), flush=True)
             log(metrics, step)
             if args.eval_every > 0 and (step % args.eval_every == 0 or step == steps):

@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--stop", default="</answer>", help="stop string, kept in the output")
     g.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="generation backend (auto = vLLM when installed)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of GPU memory when colocated")
-    g.add_argument("--vllm-device", default=None, help="put vLLM on another device, e.g. cuda:1 (default: same as policy)")
+    g.add_argument("--vllm-device", default=None, help="vLLM's GPU, e.g. cuda:1 beside a policy on cuda:0 (default: vLLM's own, logical GPU 0)")
     g.add_argument("--grader-workers", type=int, default=2)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=1337)
@@ -125,7 +125,7 @@ def main(args: argparse.Namespace) -> dict:
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.reason_validation import ReasonValidator
-    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, gpu_step_metrics, latest_checkpoint, load_checkpoint, load_policy, lr_at_step,
+    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, MFU_FORMULA, attention_width, gpu_step_metrics, matmul_parameters, step_flop_counts, training_flops, latest_checkpoint, load_checkpoint, load_policy, lr_at_step,
                                 model_dtype_for, resolve_precision, save_checkpoint, train_step)
 
     check_args(args)
@@ -161,7 +161,11 @@ def main(args: argparse.Namespace) -> dict:
           f"= {steps * batch / max(1, len(prompts)):.2f} epochs; precision {precision} on {device}")
 
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
-    n_params = sum(p.numel() for p in model.parameters())
+    # MFU inputs (utils.training.MFU_FORMULA), read before any FSDP sharding or compile wrapping hides them
+    n_matmul, n_layers = matmul_parameters(model), model.config.num_hidden_layers
+    attn_width, policy_device = attention_width(model.config), next(model.parameters()).device
+    if device.startswith("cuda"):
+        print(f"{MFU_FORMULA}; peak {args.peak_tflops:g} TFLOP/s (--peak-tflops)")
     start_step = 0
     if resume_from is not None:
         start_step = load_checkpoint(resume_from, model, optimizer)["step"]
@@ -198,7 +202,9 @@ def main(args: argparse.Namespace) -> dict:
                 raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none (no checkpoint saved yet)'}")
             metrics = {f"train/{k}": v for k, v in stats.items()}
             if device.startswith("cuda"):
-                metrics.update(gpu_step_metrics(n_params, stats["tokens_per_s"], args.peak_tflops))
+                tokens, pairs = step_flop_counts(micro)
+                flops = training_flops(n_matmul, n_layers, attn_width, tokens, pairs)
+                metrics.update(gpu_step_metrics(flops, stats["step_time_s"], args.peak_tflops, policy_device))
             print(format_step_line(step, metrics), flush=True)
             logger.log(metrics, step)
             if args.eval_every > 0 and (step % args.eval_every == 0 or step == steps):

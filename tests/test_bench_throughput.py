@@ -200,3 +200,28 @@ def test_lm_head_bench_paths_agree(tmp_path):
     assert all(r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-6) and r["max_grad_diff"] < 1e-6 for r in rows)
     saved = json.loads(out.read_text())
     assert saved["versions"]["torch"] and saved["results"][2]["tokens_per_s"] > 0
+
+
+def test_gpu_script_names_unmet_requirements_of_carried_wheels(tmp_path):
+    """The wheels install with --no-deps: the script's check must print each requirement nothing installed meets."""
+    import re
+    import subprocess
+    import sys
+    import zipfile
+
+    script = (REPO / "play-scripts/bench-scripts/gpu_bench.sh").read_text()
+    check = re.search(r"<<'CHECK'[^\n]*\n(.*?)\nCHECK\n", script, re.S).group(1)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    metadata = ("Metadata-Version: 2.1\nName: fake\nVersion: 1.0\nRequires-Dist: pytest>=1\n"
+                "Requires-Dist: no-such-package-sft>=2.0\nRequires-Dist: pytest<1\n"
+                "Requires-Dist: no-such-extra-dep ; extra == 'dev'\n")
+    with zipfile.ZipFile(wheels / "fake-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("fake-1.0.dist-info/METADATA", metadata)
+    out = subprocess.run([sys.executable, "-c", check, str(wheels)], capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr
+    unmet = [line for line in out.stdout.splitlines() if line.startswith("unmet:")]
+    assert len(unmet) == 2
+    assert "no-such-package-sft>=2.0; installed: nothing" in unmet[0]
+    assert "pytest<1; installed: " in unmet[1]
+    assert "2 unmet" in out.stdout

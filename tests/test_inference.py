@@ -323,3 +323,28 @@ def test_weight_sync_makes_vllm_follow_the_trained_policy(pair):
     finally:
         pair.vllm.load_weights(pair.policy)  # back to the weights the other tests expect
     assert _ids(pair.vllm.generate(PROMPTS, GREEDY, use_tqdm=False)) == _ids(before)
+
+
+def test_one_vllm_device_per_process(monkeypatch):
+    """vLLM's GPU mapping is process-wide: a second engine on another GPU is refused with a message naming both."""
+    import utils.inference as inference
+
+    monkeypatch.setattr(inference, "_PROCESS_VLLM_DEVICE", {})
+    inference.claim_vllm_device(None)
+    inference.claim_vllm_device("cpu")  # not a GPU choice: the same default
+    with pytest.raises(ValueError, match=r"default GPU \(cuda:0\).*cuda:1"):
+        inference.claim_vllm_device("cuda:1")
+    monkeypatch.setattr(inference, "_PROCESS_VLLM_DEVICE", {})
+    inference.claim_vllm_device("cuda:1")
+    inference.claim_vllm_device("cuda:1")
+    with pytest.raises(ValueError, match="already runs on cuda:1"):
+        inference.claim_vllm_device("cuda:2")
+
+
+def test_sleep_mode_refused_on_cpu():
+    from utils.inference import init_vllm
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: sleep mode is allowed")
+    with pytest.raises(ValueError, match="sleep mode needs CUDA"):
+        init_vllm("unused", seed=0, enable_sleep_mode=True)

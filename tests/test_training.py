@@ -188,3 +188,44 @@ def test_compiled_decoder_layers_match_eager_on_packed_chunked_rows(tiny_qwen_di
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------- MFU
+def test_matmul_parameters_drop_the_input_embedding_only(tiny_qwen_dir, tiny_llama_dir):
+    from utils.training import matmul_parameters
+
+    for folder in (tiny_qwen_dir, tiny_llama_dir):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        emb = model.get_input_embeddings().weight.numel()
+        head = model.get_output_embeddings().weight.numel()
+        total = sum(p.numel() for p in model.parameters())  # a tied head is counted once here
+        tied = model.config.tie_word_embeddings
+        # every parameter but the lookup table, plus the head as a matmul, tied or not
+        assert matmul_parameters(model) == total - emb + (head if tied else 0)
+        assert matmul_parameters(model) == sum(p.numel() for n, p in model.named_parameters()
+                                               if "embed_tokens" not in n) + head * (1 if tied else 0)
+
+
+def test_step_flop_counts_packed_equal_padded_on_the_same_documents():
+    from utils.training import step_flop_counts, training_flops
+
+    lengths = [3, 5, 2]  # three documents
+    # padded: one row each, right padding to 5
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    padded = [{"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": mask}]
+    # packed: one row of 10, positions restart per document
+    packed = [{"input_ids": torch.zeros(1, 10, dtype=torch.long),
+               "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]])}]
+    pairs = sum(n * (n + 1) // 2 for n in lengths)  # 6 + 15 + 3
+    assert step_flop_counts(padded) == (10, 24) == (sum(lengths), pairs)
+    assert step_flop_counts(packed) == (10, 24)
+    # no mask, no positions: every token real, one causal document per row
+    assert step_flop_counts([{"input_ids": torch.zeros(2, 4, dtype=torch.long)}]) == (8, 20)
+    # by hand: 6 FLOPs per matmul parameter per token, 12 x layers x width per pair
+    assert training_flops(1000, 2, 64, 10, 24) == 6 * 1000 * 10 + 12 * 2 * 64 * 24
+
+
+def test_gpu_step_metrics_empty_off_cuda():
+    from utils.training import gpu_step_metrics
+
+    assert gpu_step_metrics(1e12, 1.0, 989.0, "cpu") == {}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 
+import contextlib
 import gc
 import os
 from dataclasses import dataclass, field
@@ -339,6 +340,44 @@ def _import_vllm():
     return vllm
 
 
+# vLLM maps its GPU (`device_ids`) once per process: a second engine on another GPU in the same process would fail
+# or land on the first one's. The first engine's device is recorded here and any other is refused.
+_PROCESS_VLLM_DEVICE: dict[str, str | None] = {}
+
+
+def claim_vllm_device(device: str | None) -> None:
+    """Record the GPU of this process's vLLM engines; raise ValueError when `device` differs from an earlier one.
+
+    Args:
+        device: None (vLLM's default, logical GPU 0) or "cuda:N". Anything else (CPU) is not a GPU choice.
+    """
+    key = str(device) if device is not None and str(device).startswith("cuda:") else None
+    if "device" not in _PROCESS_VLLM_DEVICE:
+        _PROCESS_VLLM_DEVICE["device"] = key
+        return
+    first = _PROCESS_VLLM_DEVICE["device"]
+    if first != key:
+        raise ValueError(
+            f"a vLLM engine in this process already runs on {first or 'the default GPU (cuda:0)'}; vLLM's device "
+            f"mapping is process-wide, so an engine on {key or 'the default GPU (cuda:0)'} cannot be built here. "
+            f"Use one device for every engine of a run, or run each device's evaluation in its own process"
+        )
+
+
+@contextlib.contextmanager
+def cuda_device_scope(device):
+    """Make `device` ("cuda:N" or a torch.device with an index) the current CUDA device inside the block and restore
+    the previous one after; a no-op for None, CPU, or no CUDA. vLLM's worker calls `torch.cuda.set_device` and its
+    kernels launch on the current device, so every vLLM call runs inside its engine's scope and training code outside
+    it keeps the policy's device."""
+    index = torch.device(device).index if device is not None and str(device).startswith("cuda") else None
+    if index is None or not torch.cuda.is_available():
+        yield
+        return
+    with torch.cuda.device(index):
+        yield
+
+
 def init_vllm(model_path, seed: int, gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
               max_num_seqs: int = 256, dtype: str = "auto", device: str | None = None,
               enable_sleep_mode: bool = False, enforce_eager: bool = False):  # fmt: skip
@@ -353,32 +392,43 @@ def init_vllm(model_path, seed: int, gpu_memory_utilization: float = 0.85, max_m
         max_num_seqs: sequences decoded concurrently.
         dtype: "auto" = the checkpoint's `dtype` as transformers loads it (vLLM's own "auto" would run a float32
             checkpoint in float16/bfloat16), or "bfloat16", "float16", "float32".
-        device: None = vLLM's default device (colocated with a policy on cuda:0); "cuda:N" puts vLLM on GPU N (vLLM's
-            `device_ids`), e.g. policy on cuda:0 and vLLM on cuda:1.
-        enable_sleep_mode: allow `llm.sleep()` / `llm.wake_up()` (CUDA only; vLLM ignores it on CPU).
+        device: None = vLLM's default device, logical GPU 0 (colocated with a policy on cuda:0); "cuda:N" puts vLLM
+            on GPU N (vLLM's `device_ids`), e.g. policy on cuda:0 and vLLM on cuda:1. One device per process
+            (`claim_vllm_device`); the caller's current CUDA device is restored after the engine is built.
+        enable_sleep_mode: allow `llm.sleep()` / `llm.wake_up()` (CUDA only: vLLM raises on CPU, so it is refused
+            there before vLLM is asked).
         enforce_eager: skip CUDA graphs / torch.compile warm-up (starts in ~5 s instead of ~30 s on CPU).
     """
+    if enable_sleep_mode and not torch.cuda.is_available():
+        raise ValueError("vLLM sleep mode needs CUDA; on CPU build the engine with enable_sleep_mode=False")
+    claim_vllm_device(device)
     vllm = _import_vllm()
     if dtype == "auto":
         dtype = checkpoint_dtype(model_path)
     kwargs: dict[str, Any] = {}
     if device is not None and str(device).startswith("cuda:"):
         kwargs["device_ids"] = [int(str(device).split(":")[1])]
-    return vllm.LLM(
-        model=str(model_path),
-        seed=seed,
-        dtype=dtype,
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
-        enable_sleep_mode=enable_sleep_mode,
-        enforce_eager=enforce_eager,
-        **kwargs,
-    )
+    previous = torch.cuda.current_device() if torch.cuda.is_available() else None
+    try:
+        return vllm.LLM(
+            model=str(model_path),
+            seed=seed,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            enable_sleep_mode=enable_sleep_mode,
+            enforce_eager=enforce_eager,
+            **kwargs,
+        )
+    finally:
+        if previous is not None:  # vLLM's worker set its own device as current and left it there
+            torch.cuda.set_device(previous)
 
 
 def load_policy_into_vllm_instance(policy, llm, check_prompt_ids: list[int] | None = None,
-                                   check_max_tokens: int = 8, check_tolerance: float = 0.0) -> None:  # fmt: skip
+                                   check_max_tokens: int = 8, check_tolerance: float = 0.0,
+                                   vllm_device: str | None = None) -> None:  # fmt: skip
     """Push the policy's current weights into a running in-process vLLM engine.
 
     Sends the full state dict (see `policy_state_dict`) through `collective_rpc("reload_weights")`, vLLM's in-place
@@ -394,21 +444,26 @@ def load_policy_into_vllm_instance(policy, llm, check_prompt_ids: list[int] | No
         llm: a `vllm.LLM` made by `init_vllm` from the same architecture.
         check_prompt_ids: when given, verify the sync on this probe prompt with `check_vllm_matches_policy`.
         check_max_tokens, check_tolerance: passed to the check.
+        vllm_device: the engine's `device` from `init_vllm`; vLLM calls run with it as the current CUDA device.
 
     Raises:
         RuntimeError: when the check finds vLLM disagreeing with the policy.
     """
     weights = list(policy_state_dict(policy).items())
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-    if not llm.reset_prefix_cache():
+    with cuda_device_scope(vllm_device):
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        reset = llm.reset_prefix_cache()
+    if not reset:
         raise RuntimeError("vLLM refused to reset its prefix cache after a weight sync (requests still hold KV "
                            "blocks); generating now would reuse prompt KV computed with the old weights")
     if check_prompt_ids is not None:
-        check_vllm_matches_policy(policy, llm, check_prompt_ids, max_tokens=check_max_tokens, tolerance=check_tolerance)
+        check_vllm_matches_policy(policy, llm, check_prompt_ids, max_tokens=check_max_tokens, tolerance=check_tolerance,
+                                  vllm_device=vllm_device)  # fmt: skip
 
 
 @torch.no_grad()
-def check_vllm_matches_policy(policy, llm, prompt_ids: list[int], max_tokens: int = 8, tolerance: float = 0.0) -> None:
+def check_vllm_matches_policy(policy, llm, prompt_ids: list[int], max_tokens: int = 8, tolerance: float = 0.0,
+                              vllm_device: str | None = None) -> None:  # fmt: skip
     """Fail loudly unless vLLM's greedy continuation of a probe prompt is the policy's greedy continuation.
 
     vLLM generates `max_tokens` greedy tokens; one teacher-forced policy forward over prompt + those tokens gives the
@@ -420,7 +475,8 @@ def check_vllm_matches_policy(policy, llm, prompt_ids: list[int], max_tokens: in
     """
     vllm = _import_vllm()
     params = vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    out = llm.generate([{"prompt_token_ids": list(prompt_ids)}], params, use_tqdm=False)[0].outputs[0]
+    with cuda_device_scope(vllm_device):
+        out = llm.generate([{"prompt_token_ids": list(prompt_ids)}], params, use_tqdm=False)[0].outputs[0]
     vllm_ids = list(out.token_ids)
     module = _unwrap_compiled(policy)
     device = next(module.parameters()).device
@@ -447,8 +503,9 @@ class VLLMEngine(InferenceEngine):
 
     backend = "vllm"
 
-    def __init__(self, llm, tokenizer, model_name: str = "", sleep_mode: bool = False):
+    def __init__(self, llm, tokenizer, model_name: str = "", sleep_mode: bool = False, device: str | None = None):
         self.llm = llm
+        self.device = device  # every vLLM call runs with it as the current CUDA device (`cuda_device_scope`)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.sleep_mode = sleep_mode
@@ -469,7 +526,8 @@ class VLLMEngine(InferenceEngine):
             stop=list(sampling.stop) or None,
             include_stop_str_in_output=sampling.include_stop_str_in_output,
         )
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=use_tqdm)
+        with cuda_device_scope(self.device):
+            outputs = self.llm.generate(list(prompts), params, use_tqdm=use_tqdm)
         return [[Completion(o.text, list(o.token_ids), o.finish_reason) for o in req.outputs] for req in outputs]
 
     def load_weights(self, policy, check_prompt_ids: list[int] | None = None, check_tolerance: float = 0.0) -> None:
@@ -477,18 +535,20 @@ class VLLMEngine(InferenceEngine):
         sync is verified on that probe; give bf16 engines a `check_tolerance` of ~0.1 nats for near-ties."""
         self.wake_up()
         load_policy_into_vllm_instance(policy, self.llm, check_prompt_ids=check_prompt_ids,
-                                       check_tolerance=check_tolerance)  # fmt: skip
+                                       check_tolerance=check_tolerance, vllm_device=self.device)  # fmt: skip
 
     def sleep(self, level: int = 1) -> None:
         """vLLM sleep mode (level 1: weights offloaded to CPU RAM, KV cache freed) when the engine was made with
         `enable_sleep_mode=True`; otherwise nothing."""
         if self.sleep_mode and not self._asleep:
-            self.llm.sleep(level=level)
+            with cuda_device_scope(self.device):
+                self.llm.sleep(level=level)
             self._asleep = True
 
     def wake_up(self) -> None:
         if self._asleep:
-            self.llm.wake_up()
+            with cuda_device_scope(self.device):
+                self.llm.wake_up()
             self._asleep = False
 
     def close(self) -> None:
@@ -579,7 +639,7 @@ def make_engine(model_path_or_policy, engine: str = "auto", tokenizer=None, seed
                     max_num_seqs=max_num_seqs, dtype=dtype, device=device, enable_sleep_mode=enable_sleep_mode,
                     enforce_eager=enforce_eager)  # fmt: skip
     vllm_engine = VLLMEngine(llm, tokenizer or _load_tokenizer(model_path), model_name=name,
-                             sleep_mode=enable_sleep_mode)  # fmt: skip
+                             sleep_mode=enable_sleep_mode, device=device)  # fmt: skip
     if is_module:
         vllm_engine.load_weights(model_path_or_policy)
     return vllm_engine
@@ -606,6 +666,7 @@ def _torch_dtype(dtype: str):
 
 __all__ = [
     "Completion", "HFEngine", "InferenceEngine", "SamplingConfig", "VLLMEngine", "check_vllm_matches_policy",
+    "claim_vllm_device", "cuda_device_scope",
     "find_stop", "init_vllm", "load_policy_into_vllm_instance", "make_engine", "policy_state_dict",
     "sample_next_token",
 ]  # fmt: skip

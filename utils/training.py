@@ -74,12 +74,67 @@ def check_speed_flags(args, device: str) -> None:
             raise SystemExit(f"--liger needs CUDA (Liger's kernels are Triton); device is {device}")
 
 
-def gpu_step_metrics(n_params: int, tokens_per_s: float, peak_tflops: float) -> dict[str, float]:
-    """Peak memory and model FLOPs utilization (6 x parameters x tokens/s, attention excluded) on CUDA; {} on CPU."""
-    if not torch.cuda.is_available():
+MFU_FORMULA = ("MFU = (6 x matmul parameters x tokens + 12 x layers x attention width x causal query-key pairs) "
+               "/ step time / peak FLOP/s; matmul parameters = all but the input embedding (a tied lm head counted "
+               "once), tokens and pairs exclude padding, pairs stay inside documents")
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Parameters that take part in a matmul per token: all but the input embedding (a lookup, no FLOPs); the lm
+    head counts, tied or not (a tied head is the embedding matrix used once as a matmul)."""
+    model = getattr(model, "_orig_mod", model)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    tied = model.get_output_embeddings() is not None and (
+        model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
+    return total - embedding + (embedding if tied else 0)
+
+
+def step_flop_counts(micro_batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(real tokens, causal query-key pairs) of one step's micro-batches, counted on the host.
+
+    A token at position p of its document attends to p + 1 keys, so the pairs are sum(position_ids + 1) over real
+    tokens; packed rows restart `position_ids` at each document. Padded rows (an `attention_mask` of 0/1, right
+    padding) count their real tokens only.
+    """
+    tokens = pairs = 0
+    for mb in micro_batches:
+        mask = mb.get("attention_mask")
+        if "position_ids" in mb:
+            positions = mb["position_ids"].to("cpu", torch.long)
+            tokens += positions.numel()
+            pairs += int((positions + 1).sum())
+        elif mask is not None and mask.dim() == 2:
+            mask = mask.to("cpu", torch.long)
+            tokens += int(mask.sum())
+            pairs += int((mask.cumsum(-1) * mask).sum())
+        else:
+            B, T = mb["input_ids"].shape
+            tokens += B * T
+            pairs += B * T * (T + 1) // 2
+    return tokens, pairs
+
+
+def training_flops(matmul_params: int, n_layers: int, attention_width: int, tokens: int, attention_pairs: int) -> float:
+    """Model FLOPs of forward + backward (3 x forward) over `tokens` tokens: 2 FLOPs per multiply-add, so 6 per
+    matmul parameter per token, and 12 x d per causal query-key pair per layer (QK^T and AV, d = heads x head_dim).
+    Recomputation (gradient checkpointing) is not counted: MFU counts the model's work, not the work done."""
+    return 6.0 * matmul_params * tokens + 12.0 * n_layers * attention_width * attention_pairs
+
+
+def attention_width(config) -> int:
+    """Query width of one attention layer (heads x head_dim) from an HF config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads * head_dim
+
+
+def gpu_step_metrics(flops: float, step_time_s: float, peak_tflops: float, device: str) -> dict[str, float]:
+    """Peak memory of `device` (the policy's GPU, named explicitly: vLLM may have changed the current device) and
+    MFU (`MFU_FORMULA`) of one step on CUDA; {} elsewhere."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
         return {}
-    return {"train/peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "train/mfu": 6 * n_params * tokens_per_s / (peak_tflops * 1e12)}
+    return {"train/peak_mem_gib": torch.cuda.max_memory_allocated(torch.device(device)) / 2**30,
+            "train/mfu": flops / step_time_s / (peak_tflops * 1e12)}
 
 
 def parse_with_presets(parser, presets: dict[str, dict], argv: list[str] | None):

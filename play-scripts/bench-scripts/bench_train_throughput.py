@@ -17,8 +17,10 @@ gradients computed in the forward pass (`--fused-lm-head`); `flex` is FlexAttent
 `+liger` swaps in Liger's RMSNorm / SwiGLU / RoPE kernels. flex and liger rows need CUDA (skipped with a printed
 reason elsewhere); liger rows run last because Liger patches transformers' modules for the whole process.
 
-tokens/s counts real (non-padding) tokens. TFLOP/s = 6 x parameters x tokens / time (matmul FLOPs of forward +
-backward, attention and recomputation excluded); MFU = TFLOP/s / --peak-tflops.
+tokens/s counts real (non-padding) tokens. TFLOP/s = model FLOPs / time, with the trainers' formula
+(`utils.training.MFU_FORMULA`: 6 x matmul parameters per token, input embedding excluded, plus the causal attention
+inside each example; recomputation not counted); MFU = TFLOP/s / --peak-tflops. Every row counts the same
+examples' FLOPs, whatever its kernels compute (a dense packed row does more attention work than it is credited).
 
 TRL rows (when `trl` imports; a printed line says why one is skipped) train SFTTrainer on the same synthetic
 examples, pre-tokenized (full sequences, prompt labels -100), from a fresh model with the same weights, dtype,
@@ -97,6 +99,11 @@ def synthetic_examples(n: int, vocab: int, seed: int, max_len: int, scale: float
     return out
 
 
+def causal_pairs(n: int) -> int:
+    """Query-key pairs of causal attention over one document of n tokens."""
+    return n * (n + 1) // 2
+
+
 def pad_batches(examples: list[dict], micro: int, pad_id: int) -> list[dict]:
     import torch
 
@@ -136,11 +143,13 @@ def run_config(name, cfg, args, shape, steps_examples, device):
     import torch
 
     from utils.dataloader import pack_examples
-    from utils.training import build_optimizer, compile_decoder_layers, resolve_precision, train_step
+    from utils.training import (attention_width, build_optimizer, compile_decoder_layers, matmul_parameters,
+                                resolve_precision, train_step, training_flops)  # fmt: skip
 
     precision = resolve_precision(args.precision, device)
     model = fresh_model(shape, precision, device, cfg["attention"], cfg.get("liger", False))
     n_params = sum(p.numel() for p in model.parameters())
+    n_matmul, n_layers, attn_width = matmul_parameters(model), model.config.num_hidden_layers, attention_width(model.config)
     opt = build_optimizer(model, args.lr, 0.0)
     def batches(exs):
         if cfg["packing"] == "bfd":
@@ -162,16 +171,17 @@ def run_config(name, cfg, args, shape, steps_examples, device):
         print(f"{name}: {args.compile_warmup_steps} compile warm-up steps at lr 0, {time.perf_counter() - t0:.0f} s")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    losses, times, real_tokens = [], [], 0
+    losses, times, real_tokens, pairs = [], [], 0, 0
     for i, exs in enumerate(steps_examples):
         stats = step(opt, batches(exs), args.lr)
         losses.append(stats["loss"])
         if i >= args.warmup_steps:
             times.append(stats["step_time_s"])
             real_tokens += sum(len(e["input_ids"]) for e in exs)
+            pairs += sum(causal_pairs(len(e["input_ids"])) for e in exs)
     dt = sum(times)
     tps = real_tokens / dt if dt else float("nan")
-    tflops = 6 * n_params * tps / 1e12
+    tflops = training_flops(n_matmul, n_layers, attn_width, real_tokens, pairs) / dt / 1e12 if dt else float("nan")
     return {
         "config": name, "tokens_per_s": tps, "tflops": tflops, "mfu": tflops / args.peak_tflops,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
@@ -263,7 +273,8 @@ def run_trl_config(name, cfg, args, shape, device):
     from transformers import PreTrainedTokenizerFast, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from utils.training import resolve_precision
+    from utils.training import (attention_width, matmul_parameters, resolve_precision, step_flop_counts,
+                                training_flops)  # fmt: skip
 
     cuda = device.startswith("cuda")
     precision = resolve_precision(args.precision, device)
@@ -284,7 +295,7 @@ def run_trl_config(name, cfg, args, shape, device):
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
                                   pad_token="<pad>", eos_token="<pad>")
 
-    steps, times, tokens, documents = [], [], [0], [0]
+    steps, times, tokens, documents, pairs = [], [], [0], [0], [0]
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
@@ -296,8 +307,8 @@ def run_trl_config(name, cfg, args, shape, device):
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
-            steps.append({"tokens": tokens[0]})
-            tokens[0] = 0
+            steps.append({"tokens": tokens[0], "pairs": pairs[0]})
+            tokens[0] = pairs[0] = 0
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -311,10 +322,12 @@ def run_trl_config(name, cfg, args, shape, device):
             else:  # padding-free: one flattened row, positions restart at each document
                 tokens[0] += int(inputs["position_ids"].numel())
                 documents[0] += int((inputs["position_ids"] == 0).sum())
+            pairs[0] += step_flop_counts([inputs])[1]
             return super().training_step(model, inputs, *rest, **kw)
 
     model = fresh_model(shape, precision, device)
     n_params = sum(p.numel() for p in model.parameters())
+    n_matmul, n_layers, attn_width = matmul_parameters(model), model.config.num_hidden_layers, attention_width(model.config)
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(output_dir=tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
                            max_length=args.max_len, pad_to_multiple_of=None, num_train_epochs=1,
@@ -331,7 +344,8 @@ def run_trl_config(name, cfg, args, shape, device):
     measured = slice(args.warmup_steps, None)
     dt, real = sum(times[measured]), sum(st["tokens"] for st in steps[measured])
     tps = real / dt if dt else float("nan")
-    tflops = 6 * n_params * tps / 1e12
+    measured_pairs = sum(st["pairs"] for st in steps[measured])
+    tflops = training_flops(n_matmul, n_layers, attn_width, real, measured_pairs) / dt / 1e12 if dt else float("nan")
     return {
         "config": name, "tokens_per_s": tps, "tflops": tflops, "mfu": tflops / args.peak_tflops,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -371,6 +385,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     from utils.helper_fns import pick_device
+    from utils.training import MFU_FORMULA
 
     device = pick_device(args.device)
     shape = dict(SHAPES[args.shape])
@@ -401,7 +416,7 @@ def main(argv=None) -> list[dict]:
     meta = {"date": date.today().isoformat(), "machine": platform.platform(), "device": device,
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "torch": torch.__version__,
             "versions": versions, "shape": args.shape, "num_layers": shape["num_layers"], "args": vars(args),
-            "skipped": {}}  # fmt: skip
+            "skipped": {}, "mfu_formula": MFU_FORMULA}  # fmt: skip
     rows, errors = [], []
     for name in names:
         cfg = CONFIGS.get(name) or TRL_CONFIGS[name]

@@ -10,7 +10,11 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .wheels trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5
-#   (all five are pure-Python wheels, 2.7 MB together; trl's other needs are on the image)
+#   (all five are pure-Python wheels, 2.7 MB together; trl's other needs are on the image). They install with
+#   --no-deps, so the script then checks every requirement of each carried wheel against what is installed and
+#   prints one line per unmet one (datasets 5.2 needs huggingface-hub>=1.31, the image had 1.33 in 2026-11, and
+#   pyarrow>=24): carry a fitting version of the named package, or an older wheel whose needs the image meets
+#   (datasets 4.4.1: pyarrow>=21, dill<0.4.1, multiprocess<0.70.19, fsspec<=2025.10.0).
 #
 # Run it (device tool), then copy the JSON it returns under results/bench/ and delete .wheels/:
 #   run(command="bash play-scripts/bench-scripts/gpu_bench.sh", carry=[".wheels"], timeout_s=540)
@@ -37,6 +41,31 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$WHEELS"/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    # --no-deps installed the wheels blind: one line per requirement of a carried wheel that nothing installed meets
+    "$PYTHON" - "$WHEELS" <<'CHECK' || echo "WARNING: unmet requirements above; the rows that import them will fail or skip"
+import importlib.metadata as md, pathlib, sys, zipfile
+from packaging.requirements import Requirement
+bad = 0
+for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(meta).decode().splitlines()
+    for line in lines:
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req = Requirement(line.split(":", 1)[1].strip())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = md.version(req.name)
+        except md.PackageNotFoundError:
+            have = None
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            bad += 1
+            print(f"unmet: {wheel.name} needs {req}; installed: {have or 'nothing'}")
+print(f"carried wheels: {bad} unmet requirement(s)")
+sys.exit(1 if bad else 0)
+CHECK
 else
     echo "no wheels in $WHEELS: TRL rows will be skipped (see the comments at the top of this script)"
 fi
