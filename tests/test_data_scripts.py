@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,27 @@ def test_build_names_the_bad_record(tmp_path):
         run_build(tmp_path, bad)
 
 
+@pytest.mark.parametrize("flag", ["--output-full", "--output-filtered", "--stats"])
+def test_build_refuses_an_output_that_is_an_input(tmp_path, flag):
+    traces = tmp_path / "traces.jsonl"
+    shutil.copy(FIXTURES / "teacher_traces.jsonl", traces)
+    before = traces.read_bytes()
+    argv = ["--traces", str(traces), "--output-full", str(tmp_path / "full.jsonl"),
+            "--output-filtered", str(tmp_path / "filtered.jsonl")]
+    argv += [flag, str(tmp_path / "." / "traces.jsonl")]  # the same file by another spelling; later flags win
+    with pytest.raises(SystemExit, match=rf"{flag} .*is an input \(--traces"):
+        build.main(build.parse_args(argv))
+    assert traces.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["traces.jsonl"]  # nothing written
+
+
+def test_build_refuses_two_outputs_on_one_file(tmp_path):
+    with pytest.raises(SystemExit, match="--output-filtered .*the same file as --output-full"):
+        build.main(build.parse_args(["--traces", str(FIXTURES / "teacher_traces.jsonl"), "--output-full",
+                                     str(tmp_path / "x.jsonl"), "--output-filtered", str(tmp_path / "x.jsonl")]))
+    assert not any(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generate_traces.py: the openai backend against vLLM's server, the offline backend through utils.inference
 
@@ -420,3 +442,21 @@ def test_generate_offline_backend_resumes(tiny_qwen_dir, tmp_path):
 def test_generate_rejects_flags_of_the_other_backend(tmp_path):
     with pytest.raises(SystemExit, match="--prompt-format applies to --backend vllm"):
         generate(FIXTURES / "math_val.jsonl", tmp_path / "t.jsonl", "--model", "m", "--prompt-format", "raw")
+
+
+@pytest.mark.parametrize("argv", [["--num-train", "-5"], ["--num-val", "0"]])
+def test_demo_data_refuses_non_positive_counts(tmp_path, argv, capsys):
+    demo = load_script("make_demo_data")
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out-dir", str(tmp_path / "demo"), *argv])
+    assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_data_counts_and_disjoint_splits(tmp_path):
+    demo = load_script("make_demo_data")
+    demo.main(["--out-dir", str(tmp_path), "--num-train", "30", "--num-val", "5"])
+    train, val = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "val.jsonl")
+    assert (len(train), len(val)) == (30, 5)
+    assert not {r["problem"] for r in train} & {r["problem"] for r in val}
+    assert all(int(r["expected_answer"]) == eval(r["problem"][8:-1]) for r in train)  # "What is a + b?"

@@ -28,7 +28,30 @@ def seed_everything(seed: int) -> None:
 
 
 def _open_text(path: Path, mode: str = "rt"):
-    return gzip.open(path, mode, encoding="utf-8") if str(path).endswith(".gz") else open(path, mode, encoding="utf-8")
+    """Open a text file, gzip-compressed when its name ends in .gz; "rb" opens it as bytes."""
+    encoding = None if "b" in mode else "utf-8"
+    return gzip.open(path, mode, encoding=encoding) if str(path).endswith(".gz") else open(path, mode, encoding=encoding)
+
+
+def _decode_line(raw: bytes, path: Path, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                         f"re-encode the file as UTF-8") from None  # fmt: skip
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8 text; a bad byte is reported with its line and column."""
+    with _open_text(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw.count(b"\n", 0, e.start) + 1
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                         f"{e.start - line_start + 1}); re-encode the file as UTF-8") from None  # fmt: skip
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -38,8 +61,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         ValueError: naming the file and 1-based line when a line is not a JSON object.
     """
     path = Path(path)
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
+    with _open_text(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, line_no)
             if not line.strip():
                 continue
             try:
@@ -61,14 +85,13 @@ def load_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    with _open_text(path) as f:
+    with _open_text(path, "rb") as f:
         head = f.read(4096).lstrip()
-    if head.startswith("["):
-        with _open_text(path) as f:
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: malformed JSON array ({e.msg})") from None
+    if head.startswith(b"["):
+        try:
+            items = json.loads(_read_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON array ({e.msg})") from None
         out = []
         for i, rec in enumerate(items):
             if not isinstance(rec, dict):

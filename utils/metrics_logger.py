@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,14 @@ class MetricsLogger:
 
     Args:
         run_dir: the run's folder; `config.json` and `metrics.jsonl` are written there.
-        config: written to `config.json` at construction (before step 0).
+        config: written to `config.json` at construction (before step 0) unless the folder has one already, which
+            is never rewritten (`utils.run_dir.record_config` checks a resume's settings against it).
         wandb_project: empty = local only; otherwise mirror every row to this wandb project.
         wandb_run_name: wandb run name (defaults to the run folder's name).
-        resume: keep existing metrics.jsonl rows (a resumed run appends after its last row) instead of starting fresh.
+        resume: keep existing metrics.jsonl rows (a resumed run appends after its last row) and continue the same
+            wandb run (its id is kept in `<run_dir>/wandb_run_id`). Without it an existing metrics.jsonl is an error:
+            the folder holds another run.
+        wandb_entity, wandb_tags: passed to `wandb.init` (empty = wandb's defaults).
     """
 
     def __init__(
@@ -42,23 +47,34 @@ class MetricsLogger:
         wandb_project: str = "",
         wandb_run_name: str = "",
         resume: bool = False,
+        wandb_entity: str = "",
+        wandb_tags: tuple[str, ...] | list[str] = (),
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        if not resume and self.path.exists():
-            self.path.unlink()
-        write_json(self.run_dir / "config.json", config)
+        if not resume and self.path.exists() and self.path.stat().st_size > 0:
+            raise FileExistsError(f"{self.path} exists: that folder holds another run (resume it, or use a new one)")
+        if not (self.run_dir / "config.json").exists():
+            write_json(self.run_dir / "config.json", config)
         self._wandb = None
         if wandb_project:
             import wandb
 
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if resume and id_file.exists() else ""
+            if not run_id:
+                run_id = secrets.token_hex(4)  # wandb accepts any id of letters and digits
+                id_file.write_text(run_id + "\n")
             self._wandb = wandb.init(
                 project=wandb_project,
+                entity=wandb_entity or None,
+                tags=list(wandb_tags) or None,
+                id=run_id,
                 name=wandb_run_name or self.run_dir.name,
                 config=config,
                 dir=str(self.run_dir),
-                resume="allow" if resume else None,
+                resume="allow",
             )
             wandb.define_metric("train_step")
             wandb.define_metric("eval_step")
@@ -71,8 +87,18 @@ class MetricsLogger:
             return 0
         import json
 
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        keep = []
+        for line_no, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if line_no == len(lines):  # a write cut off by the kill this run is resuming from
+                    print(f"{self.path}:{line_no}: dropping a partial last line (interrupted write)", flush=True)
+                    continue
+                raise ValueError(f"{self.path}:{line_no}: malformed JSON ({e.msg}); not a partial last line") from None
+            if row["step"] <= step:
+                keep.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         tmp.replace(self.path)

@@ -114,10 +114,27 @@ def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read or written, an output that is an input or another output."""
+    stats = args.stats or str(Path(args.output_filtered).with_suffix(".stats.json"))
+    outputs = {"--output-full": args.output_full, "--output-filtered": args.output_filtered, "--stats": stats}
+    seen: dict[Path, str] = {}
+    for flag, out in outputs.items():
+        resolved = Path(out).resolve()
+        if resolved in seen:
+            raise SystemExit(f"{flag} {out}: the same file as {seen[resolved]}; give each output its own path")
+        seen[resolved] = flag
+        for trace in args.traces:
+            if resolved == Path(trace).resolve():
+                raise SystemExit(f"{flag} {out} is an input (--traces {trace}): writing it would replace the raw "
+                                 f"traces; choose another output path")  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> dict:
     """Build both sets; returns the stats that are printed and saved."""
     from tqdm import tqdm
 
+    check_paths(args)
     samples = read_samples(args.traces)
     dropped, usable = Counter(), []
     for s in tqdm(samples, desc="parse", disable=len(samples) < 10_000):

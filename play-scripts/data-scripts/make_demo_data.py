@@ -27,13 +27,15 @@ def addition_record(a: int, b: int) -> dict:
     return {"problem": f"What is {a} + {b}?", "response": response, "expected_answer": str(a + b)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default=str(DATA_DIR / "demo"), help="output folder")
     parser.add_argument("--num-train", type=int, default=3000, help="training problems")
     parser.add_argument("--num-val", type=int, default=200, help="validation problems (disjoint from train)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.num_train < 1 or args.num_val < 1:
+        parser.error(f"--num-train ({args.num_train}) and --num-val ({args.num_val}) must be at least 1")
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     random.Random(args.seed).shuffle(pairs)
     if args.num_train + args.num_val > len(pairs):
@@ -42,8 +44,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, chunk in (("val", pairs[: args.num_val]), ("train", pairs[args.num_val : args.num_val + args.num_train])):
         path = out / f"{name}.jsonl"
-        path.unlink(missing_ok=True)
-        append_jsonl(path, [addition_record(a, b) for a, b in chunk])
+        tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed over the old file
+        tmp.unlink(missing_ok=True)
+        append_jsonl(tmp, [addition_record(a, b) for a, b in chunk])
+        tmp.replace(path)
         print(f"wrote {len(chunk)} records to {path}")
 
 
