@@ -22,7 +22,7 @@ import socket
 from pathlib import Path
 from typing import Iterable
 
-from utils.helper_fns import append_jsonl, write_json
+from utils.helper_fns import append_jsonl, check_writable_dir, write_json
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")  # any of these means the folder holds a run
 
@@ -77,14 +77,7 @@ def prepare_run_dir(output_dir: str | os.PathLike, run_name: str, resume: bool, 
         lock.release()
         run_dir.rename(aside)
         print(f"--overwrite: moved the earlier run {run_dir} to {aside}", flush=True)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise SystemExit(f"--output-dir {run_dir}: not writable ({e.strerror})") from None
-    return run_dir
+    return check_writable_dir(run_dir, "--output-dir")
 
 
 class RunLock:
