@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from utils.data_order import ExampleStream  # noqa: F401  (moved to utils/data_order.py; re-exported)
 from utils.helper_fns import load_records
 from utils.packing import make_packed_micro_batches, pack_examples  # noqa: F401  (moved to utils/packing.py; re-exported)
 from utils.post_train import tokenize_prompt_and_output
@@ -70,34 +71,6 @@ def drop_overlong(
     r_len = [len(x) for x in tokenizer(responses, add_special_tokens=False)["input_ids"]]
     kept = [i for i in range(len(prompts)) if p_len[i] + r_len[i] <= max_seq_len]
     return kept, [p_len[i] + r_len[i] for i in kept]
-
-
-class ExampleStream:
-    """An endless, seeded stream of example indices: epoch e is a permutation seeded by (seed, e).
-
-    Step k of a run uses stream positions [k * batch, (k + 1) * batch), so the data seen at any step depends only on
-    (seed, k): a resumed run sees exactly the batches the uninterrupted run would have.
-    """
-
-    def __init__(self, num_examples: int, seed: int):
-        if num_examples <= 0:
-            raise ValueError("no training examples left (all dropped or none given)")
-        self.n = num_examples
-        self.seed = seed
-        self._cache: dict[int, list[int]] = {}
-
-    def _epoch(self, e: int) -> list[int]:
-        if e not in self._cache:
-            order = list(range(self.n))
-            random.Random(self.seed * 1_000_003 + e).shuffle(order)
-            self._cache = {e: order}  # keep one epoch in memory
-        return self._cache[e]
-
-    def indices(self, start: int, count: int) -> list[int]:
-        out = []
-        for pos in range(start, start + count):
-            out.append(self._epoch(pos // self.n)[pos % self.n])
-        return out
 
 
 def make_micro_batches(
