@@ -90,27 +90,10 @@ def check_args(args: argparse.Namespace) -> None:
                              "(download: python play-scripts/data-scripts/download_data.py --only sft-instruct)")
 
 
-def rows_to_batch(dataset, rows: list[int], packing: str, attention: str) -> dict:
-    """Stack dataset rows into a micro-batch; `doc` packing adds per-document positions and what the `attention`
-    backend needs to keep attention inside documents (`utils.doc_attention.packed_model_inputs`)."""
-    import torch
-
-    from utils.doc_attention import packed_model_inputs
-    from utils.instruct_dataset import IGNORE_INDEX
-
-    items = [dataset[i] for i in rows]
-    labels = torch.stack([it["labels"] for it in items])
-    batch = {"input_ids": torch.stack([it["input_ids"] for it in items]), "labels": labels,
-             "response_mask": labels != IGNORE_INDEX}
-    if packing == "doc":
-        batch.update(packed_model_inputs(torch.stack([it["position_ids"] for it in items]),
-                                         torch.stack([it["document_ids"] for it in items]), attention))
-    return batch
-
-
 def evaluate_loss(model, dataset, args, info, precision) -> dict:
     """Teacher-forced loss on the test rows, split evenly over ranks (every rank runs the same number of forwards)."""
     from utils.distributed import all_reduce_sum
+    from utils.packing import rows_to_batch
     from utils.training import teacher_forced_eval
 
     n = len(dataset) if args.eval_max_rows < 0 else min(len(dataset), args.eval_max_rows)
@@ -130,6 +113,7 @@ def main(args: argparse.Namespace) -> dict:
     from utils.dataloader import ExampleStream
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
+    from utils.packing import rows_to_batch
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, MFU_FORMULA, attention_width, gpu_step_metrics, matmul_parameters, step_flop_counts, training_flops, latest_checkpoint, load_checkpoint, load_policy,
                                 lr_at_step, model_dtype_for, resolve_precision, save_checkpoint, train_step)

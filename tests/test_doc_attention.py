@@ -1,4 +1,4 @@
-"""Document attention backends: boundaries by hand, the per-document kernel against a block mask, gradients through
+"""Document attention backends: the per-document kernel against a block mask, gradients through
 a real model, and the varlen implementation leaving padded batches and generation exactly as SDPA has them."""
 
 import json
@@ -9,40 +9,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import diversified_copy
 
-from utils.doc_attention import (FLEX_IMPLEMENTATION, VARLEN_IMPLEMENTATION, cu_seqlens_from_document_ids,
-                                 cu_seqlens_from_position_ids, packed_model_inputs, register_attention_functions,
+from utils.doc_attention import (FLEX_IMPLEMENTATION, VARLEN_IMPLEMENTATION, register_attention_functions,
                                  sdpa_per_document, set_attention_backend, varlen_call_options)
 from utils.inference import HFEngine, SamplingConfig
-from utils.packing import collate_packed, document_causal_mask, pack_best_fit_decreasing
+from utils.packing import (collate_packed, cu_seqlens_from_document_ids, document_causal_mask,
+                           pack_best_fit_decreasing, packed_model_inputs)
 from utils.post_train import get_response_log_probs
-
-
-def test_cu_seqlens_hand_case():
-    # row 0: docs of 2 and 3 tokens + 1 padding; row 1: docs of 4 and 2. Rows never share a segment.
-    doc = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 1, 1]])
-    cu, max_len = cu_seqlens_from_document_ids(doc)
-    assert cu.tolist() == [0, 2, 5, 6, 10, 12] and cu.dtype == torch.int32 and max_len == 4
-    pos = torch.tensor([[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]])
-    assert cu_seqlens_from_position_ids(pos)[0].tolist() == [0, 2, 5, 6, 10, 12]
-    # the same id in two rows is two segments; one document per row is one segment per row
-    assert cu_seqlens_from_document_ids(torch.zeros(2, 3, dtype=torch.long))[0].tolist() == [0, 3, 6]
-    with pytest.raises(ValueError, match=r"\(B, T\)"):
-        cu_seqlens_from_document_ids(torch.zeros(5, dtype=torch.long))
-
-
-def test_boundaries_from_positions_match_collated_documents():
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 40, (30,), generator=g).tolist()
-    examples = [{k: torch.randint(0, 50, (n,), generator=g) for k in ("input_ids", "labels")} for n in lengths]
-    for ex, n in zip(examples, lengths):
-        ex["response_mask"] = torch.ones(n, dtype=torch.bool)
-    bins = pack_best_fit_decreasing(lengths, 64)
-    batch = collate_packed(examples, bins, pad_id=0, pad_to=64)
-    by_doc, max_doc = cu_seqlens_from_document_ids(batch["document_ids"])
-    by_pos, max_pos = cu_seqlens_from_position_ids(batch["position_ids"])
-    assert torch.equal(by_doc, by_pos) and max_doc == max_pos
-    real = (batch["document_ids"] >= 0).sum(-1) < 64  # rows with padding add one segment each
-    assert len(by_doc) - 1 == len(lengths) + int(real.sum())
 
 
 def test_sdpa_per_document_matches_block_mask():
@@ -244,14 +216,6 @@ def test_kernels_get_autocast_dtype_inputs(monkeypatch, tiny_qwen_dir, tiny_qwen
                                    **packed_model_inputs(batch["position_ids"], batch["document_ids"], attention))
     assert {s[0] for s in seen} == {"varlen", "flex"}
     assert all(s[1:] == (torch.bfloat16,) * 3 for s in seen), seen
-
-
-def test_packed_model_inputs_rejects_bad_input():
-    pos = torch.tensor([[0, 1, 2, 3]])
-    with pytest.raises(ValueError, match="do not restart"):  # two documents, but positions run on
-        packed_model_inputs(pos, torch.tensor([[0, 0, 1, 1]]), "flex")
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        packed_model_inputs(pos, torch.zeros(1, 4, dtype=torch.long), "xformers")
 
 
 def test_backend_is_not_saved_with_the_model(tiny_qwen_dir, tmp_path):

@@ -327,18 +327,18 @@ def test_weight_sync_makes_vllm_follow_the_trained_policy(pair):
 
 def test_one_vllm_device_per_process(monkeypatch):
     """vLLM's GPU mapping is process-wide: a second engine on another GPU is refused with a message naming both."""
-    import utils.inference as inference
+    import utils.vllm_engine as vllm_engine
 
-    monkeypatch.setattr(inference, "_PROCESS_VLLM_DEVICE", {})
-    inference.claim_vllm_device(None)
-    inference.claim_vllm_device("cpu")  # not a GPU choice: the same default
+    monkeypatch.setattr(vllm_engine, "_PROCESS_VLLM_DEVICE", {})
+    vllm_engine.claim_vllm_device(None)
+    vllm_engine.claim_vllm_device("cpu")  # not a GPU choice: the same default
     with pytest.raises(ValueError, match=r"default GPU \(cuda:0\).*cuda:1"):
-        inference.claim_vllm_device("cuda:1")
-    monkeypatch.setattr(inference, "_PROCESS_VLLM_DEVICE", {})
-    inference.claim_vllm_device("cuda:1")
-    inference.claim_vllm_device("cuda:1")
+        vllm_engine.claim_vllm_device("cuda:1")
+    monkeypatch.setattr(vllm_engine, "_PROCESS_VLLM_DEVICE", {})
+    vllm_engine.claim_vllm_device("cuda:1")
+    vllm_engine.claim_vllm_device("cuda:1")
     with pytest.raises(ValueError, match="already runs on cuda:1"):
-        inference.claim_vllm_device("cuda:2")
+        vllm_engine.claim_vllm_device("cuda:2")
 
 
 def test_sleep_mode_refused_on_cpu():

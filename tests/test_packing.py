@@ -1,4 +1,5 @@
-"""Best-fit-decreasing packing, packed collation and the document mask, checked by hand and against unpacked runs."""
+"""Best-fit-decreasing packing, packed collation, document boundaries and the document mask, checked by hand and
+against unpacked runs."""
 
 import random
 
@@ -7,7 +8,9 @@ import torch
 
 from utils.helper_fns import DATA_DIR, load_prompt, read_jsonl
 from utils.instruct_dataset import fill_template
-from utils.packing import collate_packed, document_causal_mask, pack_best_fit_decreasing
+from utils.packing import (collate_packed, cu_seqlens_from_document_ids, cu_seqlens_from_position_ids,
+                           document_causal_mask, pack_best_fit_decreasing, packed_model_inputs,
+                           row_positions_and_documents, rows_to_batch)
 from utils.post_train import get_response_log_probs, tokenize_prompt_and_output
 from utils.tiny_models import build_tiny_model
 
@@ -107,6 +110,66 @@ def test_document_causal_mask_hand_case():
     assert additive.dtype == torch.float32
     assert torch.equal(additive == 0, mask)
     assert (additive[~mask] == torch.finfo(torch.float32).min).all()
+
+
+def test_cu_seqlens_hand_case():
+    # row 0: docs of 2 and 3 tokens + 1 padding; row 1: docs of 4 and 2. Rows never share a segment.
+    doc = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 1, 1]])
+    cu, max_len = cu_seqlens_from_document_ids(doc)
+    assert cu.tolist() == [0, 2, 5, 6, 10, 12] and cu.dtype == torch.int32 and max_len == 4
+    pos = torch.tensor([[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]])
+    assert cu_seqlens_from_position_ids(pos)[0].tolist() == [0, 2, 5, 6, 10, 12]
+    # the same id in two rows is two segments; one document per row is one segment per row
+    assert cu_seqlens_from_document_ids(torch.zeros(2, 3, dtype=torch.long))[0].tolist() == [0, 3, 6]
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        cu_seqlens_from_document_ids(torch.zeros(5, dtype=torch.long))
+
+
+def test_boundaries_from_positions_match_collated_documents():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 40, (30,), generator=g).tolist()
+    examples = [{k: torch.randint(0, 50, (n,), generator=g) for k in ("input_ids", "labels")} for n in lengths]
+    for ex, n in zip(examples, lengths):
+        ex["response_mask"] = torch.ones(n, dtype=torch.bool)
+    bins = pack_best_fit_decreasing(lengths, 64)
+    batch = collate_packed(examples, bins, pad_id=0, pad_to=64)
+    by_doc, max_doc = cu_seqlens_from_document_ids(batch["document_ids"])
+    by_pos, max_pos = cu_seqlens_from_position_ids(batch["position_ids"])
+    assert torch.equal(by_doc, by_pos) and max_doc == max_pos
+    real = (batch["document_ids"] >= 0).sum(-1) < 64  # rows with padding add one segment each
+    assert len(by_doc) - 1 == len(lengths) + int(real.sum())
+
+
+def test_packed_model_inputs_rejects_bad_input():
+    pos = torch.tensor([[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="do not restart"):  # two documents, but positions run on
+        packed_model_inputs(pos, torch.tensor([[0, 0, 1, 1]]), "flex")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        packed_model_inputs(pos, torch.zeros(1, 4, dtype=torch.long), "xformers")
+
+
+def test_stream_row_positions_and_documents_hand_case():
+    # documents start at stream offsets 0, 3, 7; the row covers offsets 2..7: the tail of document 0, all of
+    # document 1 and the head of document 2, each restarting at position 0
+    doc_starts = torch.tensor([0, 3, 7])
+    position_ids, document_ids = row_positions_and_documents(doc_starts, 2, 6)
+    assert position_ids.tolist() == [0, 0, 1, 2, 3, 0]
+    assert document_ids.tolist() == [0, 1, 1, 1, 1, 2]
+    # a row starting exactly on a document start has no empty fragment before it
+    assert row_positions_and_documents(doc_starts, 3, 4)[1].tolist() == [0, 0, 0, 0]
+
+
+def test_rows_to_batch_masks_ignored_labels_and_adds_document_boundaries():
+    rows = [{"input_ids": torch.tensor([5, 6, 7, 8]), "labels": torch.tensor([-100, 7, 8, 9]),
+             "position_ids": torch.tensor([0, 1, 0, 1]), "document_ids": torch.tensor([0, 0, 1, 1])},
+            {"input_ids": torch.tensor([1, 2, 3, 4]), "labels": torch.tensor([2, 3, -100, -100]),
+             "position_ids": torch.tensor([0, 1, 2, 3]), "document_ids": torch.tensor([0, 0, 0, 0])}]
+    batch = rows_to_batch(rows, [1, 0], "doc", "varlen")
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert batch["response_mask"].tolist() == [[True, True, False, False], [False, True, True, True]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 4, 6, 8] and batch["max_length_q"] == 4
+    plain = rows_to_batch(rows, [0], "concat", "varlen")  # concat packing: attention runs across the whole row
+    assert set(plain) == {"input_ids", "labels", "response_mask"}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from utils.data_order import ExampleStream  # noqa: F401  (moved to utils/data_order.py; re-exported)
 from utils.helper_fns import load_records
+from utils.packing import make_packed_micro_batches, pack_examples  # noqa: F401  (moved to utils/packing.py; re-exported)
 from utils.post_train import tokenize_prompt_and_output
 
 KEY_ALIASES = {
@@ -71,34 +73,6 @@ def drop_overlong(
     return kept, [p_len[i] + r_len[i] for i in kept]
 
 
-class ExampleStream:
-    """An endless, seeded stream of example indices: epoch e is a permutation seeded by (seed, e).
-
-    Step k of a run uses stream positions [k * batch, (k + 1) * batch), so the data seen at any step depends only on
-    (seed, k): a resumed run sees exactly the batches the uninterrupted run would have.
-    """
-
-    def __init__(self, num_examples: int, seed: int):
-        if num_examples <= 0:
-            raise ValueError("no training examples left (all dropped or none given)")
-        self.n = num_examples
-        self.seed = seed
-        self._cache: dict[int, list[int]] = {}
-
-    def _epoch(self, e: int) -> list[int]:
-        if e not in self._cache:
-            order = list(range(self.n))
-            random.Random(self.seed * 1_000_003 + e).shuffle(order)
-            self._cache = {e: order}  # keep one epoch in memory
-        return self._cache[e]
-
-    def indices(self, start: int, count: int) -> list[int]:
-        out = []
-        for pos in range(start, start + count):
-            out.append(self._epoch(pos // self.n)[pos % self.n])
-        return out
-
-
 def make_micro_batches(
     prompts: list[str], responses: list[str], indices: list[int], micro_batch_size: int, tokenizer
 ) -> list[dict[str, torch.Tensor]]:
@@ -107,73 +81,4 @@ def make_micro_batches(
     for s in range(0, len(indices), micro_batch_size):
         idx = indices[s : s + micro_batch_size]
         out.append(tokenize_prompt_and_output([prompts[i] for i in idx], [responses[i] for i in idx], tokenizer))
-    return out
-
-
-def make_packed_micro_batches(
-    prompts: list[str],
-    responses: list[str],
-    indices: list[int],
-    tokenizer,
-    token_budget: int,
-    normalization: str = "per_example",
-    normalize_constant: float = 1.0,
-    attention: str = "varlen",
-) -> list[dict[str, torch.Tensor]]:
-    """Tokenize the step's examples one by one (no padding) and pack them with `pack_examples`."""
-    examples = []
-    for i in indices:
-        one = tokenize_prompt_and_output([prompts[i]], [responses[i]], tokenizer)  # batch of 1: no padding
-        examples.append({k: v[0] for k, v in one.items()})
-    return pack_examples(examples, token_budget, tokenizer.pad_token_id, normalization, normalize_constant, attention)
-
-
-def pack_examples(
-    examples: list[dict[str, torch.Tensor]],
-    token_budget: int,
-    pad_id: int,
-    normalization: str = "per_example",
-    normalize_constant: float = 1.0,
-    attention: str = "varlen",
-) -> list[dict[str, torch.Tensor]]:
-    """Pack one step's examples into rows of at most `token_budget` tokens (best-fit decreasing), one row per
-    micro-batch, with per-example positions, attention kept inside examples and per-token loss weights.
-
-    Padding-free packing changes speed, not the objective: the weights reproduce the padded path's normalization
-    over the whole step (see `utils.post_train.weighted_nll_train_step`), and attention never crosses examples.
-
-    Args:
-        examples: dicts of 1-D `input_ids`, `labels`, `response_mask` (one unpadded row of
-            `tokenize_prompt_and_output` each).
-        token_budget: max tokens per row.
-        pad_id: padding id (rows are not padded: each row is its own micro-batch).
-        normalization, normalize_constant: as in `utils.post_train.sft_microbatch_train_step`.
-        attention: the model's attention backend (`utils.doc_attention.ATTENTION_BACKENDS`).
-
-    Returns:
-        micro-batches of one row: `input_ids`, `labels`, `response_mask`, `loss_weights` (1, T) float32, and
-        `utils.doc_attention.packed_model_inputs` for `attention` (`position_ids` (1, T) plus varlen boundaries or
-        a (1, 1, T, T) mask).
-    """
-    from utils.doc_attention import packed_model_inputs
-    from utils.packing import collate_packed, pack_best_fit_decreasing
-
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    counts = torch.tensor([int(ex["response_mask"].sum()) for ex in examples], dtype=torch.float64)
-    n = len(examples)
-    if normalization == "per_example":
-        per_example_weight = 1.0 / (counts.clamp(min=1) * n)
-    elif normalization == "constant":
-        per_example_weight = torch.full((n,), 1.0 / (normalize_constant * n), dtype=torch.float64)
-    elif normalization == "step_tokens":
-        per_example_weight = torch.full((n,), 1.0 / max(1.0, float(counts.sum())), dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown normalization {normalization!r}")
-    out = []
-    for members in pack_best_fit_decreasing(lengths, token_budget):
-        row = collate_packed(examples, [members], pad_id)
-        ex_idx = row.pop("example_index")
-        row["loss_weights"] = torch.where(ex_idx >= 0, per_example_weight[ex_idx.clamp(min=0)], 0.0).float()
-        row.update(packed_model_inputs(row.pop("position_ids"), row.pop("document_ids"), attention))
-        out.append(row)
     return out

@@ -22,6 +22,9 @@ import inspect
 
 import torch
 
+# The inputs of packed micro-batches are built in utils/packing.py (re-exported: they were first defined here).
+from utils.packing import cu_seqlens_from_document_ids, cu_seqlens_from_position_ids, packed_model_inputs  # noqa: F401
+
 ATTENTION_BACKENDS = ("varlen", "sdpa", "flex")
 VARLEN_IMPLEMENTATION = "sft_varlen"  # the names registered with transformers' AttentionInterface
 FLEX_IMPLEMENTATION = "sft_flex"
@@ -33,73 +36,6 @@ def _say_once(message: str) -> None:
     if message not in _notes:
         _notes.add(message)
         print(message, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------- inputs
-def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Document boundaries over the flattened rows, as varlen kernels take them.
-
-    A segment is a maximal run of one `document_ids` value within a row; every row starts a new segment, so a
-    document never spans rows and a row's padding (-1) is a segment of its own.
-
-    Args:
-        document_ids: (B, T) integer.
-
-    Returns:
-        (cu_seqlens, max_len): int32 (N + 1,) offsets into the B*T flattened tokens, starting at 0 and ending at B*T,
-        and the longest segment's length (a Python int: kernels take it as a launch size).
-    """
-    if document_ids.ndim != 2 or document_ids.shape[1] == 0:
-        raise ValueError(f"document_ids must be (B, T) with T >= 1, got {tuple(document_ids.shape)}")
-    B, T = document_ids.shape
-    starts = torch.ones((B, T), dtype=torch.bool, device=document_ids.device)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    offsets = starts.reshape(-1).nonzero().squeeze(-1)
-    total = torch.tensor([B * T], device=document_ids.device)
-    cu = torch.cat([offsets, total]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
-
-
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """As `cu_seqlens_from_document_ids`, with a new segment wherever the position does not grow by one (the
-    convention of transformers' packed-sequence detection)."""
-    if position_ids.ndim != 2 or position_ids.shape[1] == 0:
-        raise ValueError(f"position_ids must be (B, T) with T >= 1, got {tuple(position_ids.shape)}")
-    new_segment = torch.ones_like(position_ids, dtype=torch.bool)
-    new_segment[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return cu_seqlens_from_document_ids(new_segment.long().cumsum(-1))
-
-
-def packed_model_inputs(position_ids: torch.Tensor, document_ids: torch.Tensor, attention: str) -> dict:
-    """What a packed micro-batch passes to the model besides `input_ids`, for the chosen backend.
-
-    Args:
-        position_ids: (B, T) int64, restarting at 0 at each document (RoPE positions).
-        document_ids: (B, T) int64, equal within a document; padding has its own id (e.g. -1).
-        attention: one of ATTENTION_BACKENDS.
-
-    Returns:
-        `position_ids`, plus: varlen → `cu_seq_lens_q/k` (int32) and `max_length_q/k` (int); sdpa → `attention_mask`
-        (B, 1, T, T) bool; flex → nothing more (transformers derives the block mask from the positions, so they must
-        restart at every document boundary, padding included, as `utils.packing.collate_packed` writes them).
-    """
-    from utils.packing import document_causal_mask
-
-    out: dict = {"position_ids": position_ids}
-    if attention == "varlen":
-        cu, max_len = cu_seqlens_from_document_ids(document_ids)
-        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
-    elif attention == "sdpa":
-        out["attention_mask"] = document_causal_mask(document_ids)
-    elif attention == "flex":
-        derived, _ = cu_seqlens_from_position_ids(position_ids)
-        expected, _ = cu_seqlens_from_document_ids(document_ids)
-        if not torch.equal(derived, expected):
-            raise ValueError("flex attention finds documents where position_ids restart, but these position_ids do "
-                             "not restart at every document_ids boundary")
-    else:
-        raise ValueError(f"unknown attention backend {attention!r}; choose from {ATTENTION_BACKENDS}")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.helper_fns import load_prompt, load_records
+from utils.packing import row_positions_and_documents
 
 IGNORE_INDEX = -100  # label value that the loss skips (the value torch's cross_entropy ignores by default)
 CACHE_VERSION = 1  # bump when the cached payload or its meaning changes
@@ -276,18 +277,11 @@ class PackedSFTDataset(Dataset):
             raise IndexError(f"row {i} out of range: the dataset has {self.rows} rows")
         L = self.seq_length
         a = int(self._row_index[i]) * L
-        # Documents starting strictly inside the row; the row start itself always begins a segment.
-        lo = int(torch.searchsorted(self._doc_starts, a, right=True))
-        hi = int(torch.searchsorted(self._doc_starts, a + L))
-        is_start = torch.zeros(L, dtype=torch.bool)
-        is_start[0] = True
-        is_start[self._doc_starts[lo:hi] - a] = True
-        document_ids = is_start.long().cumsum(0) - 1  # (L,)
-        segment_starts = torch.nonzero(is_start).squeeze(1)
+        position_ids, document_ids = row_positions_and_documents(self._doc_starts, a, L)
         return {
             "input_ids": self._stream[a : a + L].long(),
             "labels": self._label_stream[a + 1 : a + L + 1].long(),
-            "position_ids": torch.arange(L) - segment_starts[document_ids],
+            "position_ids": position_ids,
             "document_ids": document_ids,
         }
 

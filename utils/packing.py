@@ -1,7 +1,15 @@
 """Padding-free packing of variable-length examples into fixed token budgets, with per-document positions and masks.
 
-Shared by the reasoning trainer (pack whole prompt+response examples into rows of at most `budget` tokens, no example
-split across rows) and the instruction trainer (documents cut from one stream; see utils/instruct_dataset.py).
+Everything about packed rows lives here, for both trainers:
+- bins and rows: `pack_best_fit_decreasing` groups examples into token budgets, `collate_packed` lays a bin out as
+  one row with per-example `position_ids`, `document_ids` and `example_index`;
+- what a packed micro-batch gives the model besides `input_ids` (`packed_model_inputs`): `cu_seq_lens` for varlen
+  kernels (`cu_seqlens_from_document_ids` / `_from_position_ids`), the SDPA mask (`document_causal_mask`), or only
+  restarting positions for FlexAttention; the attention functions that consume them are in utils/doc_attention.py;
+- the reasoning path (`make_packed_micro_batches`, `pack_examples`): whole prompt+response examples packed into rows
+  of at most `budget` tokens, no example split across rows, one row per micro-batch, with per-token loss weights;
+- the instruction path (`row_positions_and_documents`, `rows_to_batch`): rows cut from one document stream by
+  `utils.instruct_dataset.PackedSFTDataset`, their per-document positions, and rows stacked into a micro-batch.
 
 Conventions:
 - A packed row holds several examples back to back. `position_ids` restart at 0 at each example, `document_ids`
@@ -19,9 +27,12 @@ from typing import Sequence
 
 import torch
 
+from utils.post_train import tokenize_prompt_and_output
+
 PACKED_KEYS = ("input_ids", "labels", "response_mask")
 
 
+# ------------------------------------------------------------------------------------------------------- bins and rows
 def pack_best_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Group example indices into bins of total length <= `budget`, best-fit decreasing.
 
@@ -169,3 +180,181 @@ def document_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype | None =
     return torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
+
+
+# -------------------------------------------------------------------------------------------------------- model inputs
+def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document boundaries over the flattened rows, as varlen kernels take them.
+
+    A segment is a maximal run of one `document_ids` value within a row; every row starts a new segment, so a
+    document never spans rows and a row's padding (-1) is a segment of its own.
+
+    Args:
+        document_ids: (B, T) integer.
+
+    Returns:
+        (cu_seqlens, max_len): int32 (N + 1,) offsets into the B*T flattened tokens, starting at 0 and ending at B*T,
+        and the longest segment's length (a Python int: kernels take it as a launch size).
+    """
+    if document_ids.ndim != 2 or document_ids.shape[1] == 0:
+        raise ValueError(f"document_ids must be (B, T) with T >= 1, got {tuple(document_ids.shape)}")
+    B, T = document_ids.shape
+    starts = torch.ones((B, T), dtype=torch.bool, device=document_ids.device)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    offsets = starts.reshape(-1).nonzero().squeeze(-1)
+    total = torch.tensor([B * T], device=document_ids.device)
+    cu = torch.cat([offsets, total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """As `cu_seqlens_from_document_ids`, with a new segment wherever the position does not grow by one (the
+    convention of transformers' packed-sequence detection)."""
+    if position_ids.ndim != 2 or position_ids.shape[1] == 0:
+        raise ValueError(f"position_ids must be (B, T) with T >= 1, got {tuple(position_ids.shape)}")
+    new_segment = torch.ones_like(position_ids, dtype=torch.bool)
+    new_segment[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return cu_seqlens_from_document_ids(new_segment.long().cumsum(-1))
+
+
+def packed_model_inputs(position_ids: torch.Tensor, document_ids: torch.Tensor, attention: str) -> dict:
+    """What a packed micro-batch passes to the model besides `input_ids`, for the chosen backend.
+
+    Args:
+        position_ids: (B, T) int64, restarting at 0 at each document (RoPE positions).
+        document_ids: (B, T) int64, equal within a document; padding has its own id (e.g. -1).
+        attention: one of `utils.doc_attention.ATTENTION_BACKENDS`.
+
+    Returns:
+        `position_ids`, plus: varlen → `cu_seq_lens_q/k` (int32) and `max_length_q/k` (int); sdpa → `attention_mask`
+        (B, 1, T, T) bool; flex → nothing more (transformers derives the block mask from the positions, so they must
+        restart at every document boundary, padding included, as `collate_packed` writes them).
+    """
+    out: dict = {"position_ids": position_ids}
+    if attention == "varlen":
+        cu, max_len = cu_seqlens_from_document_ids(document_ids)
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+    elif attention == "sdpa":
+        out["attention_mask"] = document_causal_mask(document_ids)
+    elif attention == "flex":
+        derived, _ = cu_seqlens_from_position_ids(position_ids)
+        expected, _ = cu_seqlens_from_document_ids(document_ids)
+        if not torch.equal(derived, expected):
+            raise ValueError("flex attention finds documents where position_ids restart, but these position_ids do "
+                             "not restart at every document_ids boundary")
+    else:
+        from utils.doc_attention import ATTENTION_BACKENDS  # not at the top: doc_attention imports this module
+
+        raise ValueError(f"unknown attention backend {attention!r}; choose from {ATTENTION_BACKENDS}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ reasoning path
+def make_packed_micro_batches(
+    prompts: list[str],
+    responses: list[str],
+    indices: list[int],
+    tokenizer,
+    token_budget: int,
+    normalization: str = "per_example",
+    normalize_constant: float = 1.0,
+    attention: str = "varlen",
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenize the step's examples one by one (no padding) and pack them with `pack_examples`."""
+    examples = []
+    for i in indices:
+        one = tokenize_prompt_and_output([prompts[i]], [responses[i]], tokenizer)  # batch of 1: no padding
+        examples.append({k: v[0] for k, v in one.items()})
+    return pack_examples(examples, token_budget, tokenizer.pad_token_id, normalization, normalize_constant, attention)
+
+
+def pack_examples(
+    examples: list[dict[str, torch.Tensor]],
+    token_budget: int,
+    pad_id: int,
+    normalization: str = "per_example",
+    normalize_constant: float = 1.0,
+    attention: str = "varlen",
+) -> list[dict[str, torch.Tensor]]:
+    """Pack one step's examples into rows of at most `token_budget` tokens (best-fit decreasing), one row per
+    micro-batch, with per-example positions, attention kept inside examples and per-token loss weights.
+
+    Padding-free packing changes speed, not the objective: the weights reproduce the padded path's normalization
+    over the whole step (see `utils.post_train.weighted_nll_train_step`), and attention never crosses examples.
+
+    Args:
+        examples: dicts of 1-D `input_ids`, `labels`, `response_mask` (one unpadded row of
+            `tokenize_prompt_and_output` each).
+        token_budget: max tokens per row.
+        pad_id: padding id (rows are not padded: each row is its own micro-batch).
+        normalization, normalize_constant: as in `utils.post_train.sft_microbatch_train_step`.
+        attention: the model's attention backend (`utils.doc_attention.ATTENTION_BACKENDS`).
+
+    Returns:
+        micro-batches of one row: `input_ids`, `labels`, `response_mask`, `loss_weights` (1, T) float32, and
+        `packed_model_inputs` for `attention` (`position_ids` (1, T) plus varlen boundaries or
+        a (1, 1, T, T) mask).
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    counts = torch.tensor([int(ex["response_mask"].sum()) for ex in examples], dtype=torch.float64)
+    n = len(examples)
+    if normalization == "per_example":
+        per_example_weight = 1.0 / (counts.clamp(min=1) * n)
+    elif normalization == "constant":
+        per_example_weight = torch.full((n,), 1.0 / (normalize_constant * n), dtype=torch.float64)
+    elif normalization == "step_tokens":
+        per_example_weight = torch.full((n,), 1.0 / max(1.0, float(counts.sum())), dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}")
+    out = []
+    for members in pack_best_fit_decreasing(lengths, token_budget):
+        row = collate_packed(examples, [members], pad_id)
+        ex_idx = row.pop("example_index")
+        row["loss_weights"] = torch.where(ex_idx >= 0, per_example_weight[ex_idx.clamp(min=0)], 0.0).float()
+        row.update(packed_model_inputs(row.pop("position_ids"), row.pop("document_ids"), attention))
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- instruction path
+def row_positions_and_documents(
+    doc_starts: torch.Tensor, row_start: int, row_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-document positions and document ids of the row stream[row_start : row_start + row_length] of a stream of
+    documents laid back to back (the instruction rows of `utils.instruct_dataset.PackedSFTDataset`).
+
+    Args:
+        doc_starts: (D,) int64, the stream offset of each document, ascending.
+        row_start: stream offset of the row's first token.
+        row_length: tokens per row L.
+
+    Returns:
+        (position_ids, document_ids), both (L,) int64: positions count 0, 1, ... from the row start and again from
+        each document start inside the row (a row that begins mid-document restarts that fragment at 0 too);
+        document ids number the documents (fragments) within the row 0, 1, 2, ...
+    """
+    a, L = row_start, row_length
+    # Documents starting strictly inside the row; the row start itself always begins a segment.
+    lo = int(torch.searchsorted(doc_starts, a, right=True))
+    hi = int(torch.searchsorted(doc_starts, a + L))
+    is_start = torch.zeros(L, dtype=torch.bool)
+    is_start[0] = True
+    is_start[doc_starts[lo:hi] - a] = True
+    document_ids = is_start.long().cumsum(0) - 1  # (L,)
+    segment_starts = torch.nonzero(is_start).squeeze(1)
+    return torch.arange(L) - segment_starts[document_ids], document_ids
+
+
+def rows_to_batch(dataset, rows: list[int], packing: str, attention: str) -> dict:
+    """Stack dataset rows into a micro-batch; `doc` packing adds per-document positions and what the `attention`
+    backend needs to keep attention inside documents (`packed_model_inputs`)."""
+    from utils.instruct_dataset import IGNORE_INDEX  # not at the top: instruct_dataset imports this module
+
+    items = [dataset[i] for i in rows]
+    labels = torch.stack([it["labels"] for it in items])
+    batch = {"input_ids": torch.stack([it["input_ids"] for it in items]), "labels": labels,
+             "response_mask": labels != IGNORE_INDEX}
+    if packing == "doc":
+        batch.update(packed_model_inputs(torch.stack([it["position_ids"] for it in items]),
+                                         torch.stack([it["document_ids"] for it in items]), attention))
+    return batch

@@ -142,7 +142,7 @@ def fresh_model(shape: dict, precision: str, device: str, attention: str = "sdpa
 def run_config(name, cfg, args, shape, steps_examples, device):
     import torch
 
-    from utils.dataloader import pack_examples
+    from utils.packing import pack_examples
     from utils.training import (attention_width, build_optimizer, compile_decoder_layers, matmul_parameters,
                                 resolve_precision, train_step, training_flops)  # fmt: skip
 

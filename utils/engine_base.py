@@ -1,0 +1,109 @@
+"""What both generation backends share: the sampling parameters, the completion record, the engine interface, and the
+policy's weights in checkpoint names. `utils.inference.make_engine` builds an engine; utils/hf_engine.py and
+utils/vllm_engine.py implement it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling parameters shared by both backends (vLLM's names and meanings).
+
+    temperature 0 is greedy. `stop` strings end a sample; `include_stop_str_in_output` keeps the matched stop string in
+    the text. `n` samples per prompt. `seed`: the HF backend draws this call's samples from a generator seeded with it
+    (None: the engine's generator, seeded once by `make_engine(seed=...)`, continues). vLLM always samples from the
+    engine seed (`LLM(seed=...)`): one per-request seed gives every prompt of a batch the same random stream (measured:
+    correlated first tokens across prompts), and was reported to crash the vLLM 0.32 CPU engine.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = True
+    n: int = 1
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
+
+
+@dataclass
+class Completion:
+    """One generated sample: `text` (stop-string rule applied), the generated `token_ids` (prompt excluded), and
+    `finish_reason` "stop" (EOS or stop string) or "length" (max_tokens or the model's context)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class InferenceEngine:
+    """Common surface of the two backends. `backend` is "vllm" or "hf"; `tokenizer` is a transformers tokenizer."""
+
+    backend: str = ""
+    tokenizer: Any = None
+    model_name: str = ""
+
+    def generate(
+        self, prompts: list[str], sampling: SamplingConfig, use_tqdm: bool = True
+    ) -> list[list[Completion]]:
+        """Generate `sampling.n` completions for each prompt.
+
+        Returns:
+            one list per prompt, in prompt order, of `sampling.n` Completions.
+        """
+        raise NotImplementedError
+
+    def load_weights(self, policy) -> None:
+        """Make the engine generate with `policy`'s current weights."""
+        raise NotImplementedError
+
+    def sleep(self) -> None:
+        """Free accelerator memory between evaluations (vLLM sleep mode when enabled; otherwise nothing)."""
+
+    def wake_up(self) -> None:
+        """Undo `sleep()`."""
+
+    def close(self) -> None:
+        """Release the engine's memory. The engine cannot be used afterwards."""
+
+
+def _unwrap_compiled(model):
+    """The module inside a `torch.compile` wrapper (its parameters are the same tensors)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def policy_state_dict(policy) -> dict[str, torch.Tensor]:
+    """The policy's full state dict in checkpoint names, ready for vLLM's weight loader.
+
+    - `_orig_mod.` (torch.compile) is removed wherever it appears: whole-model and per-block compilation both add it;
+    - `lm_head.weight` is present even with tied embeddings: `state_dict()` keeps both names of a tied tensor, and it
+      is added from the input embedding when a wrapper dropped it. A `save_pretrained` folder lacks it, and vLLM then
+      silently keeps its old head (measured on vLLM 0.32).
+    """
+    out = {}
+    for name, tensor in _unwrap_compiled(policy).state_dict().items():
+        out[name.replace("_orig_mod.", "")] = tensor.detach()
+    config = getattr(_unwrap_compiled(policy), "config", None)
+    if "lm_head.weight" not in out and getattr(config, "tie_word_embeddings", False):
+        embed = _unwrap_compiled(policy).get_input_embeddings().weight
+        out["lm_head.weight"] = embed.detach()
+    return out
