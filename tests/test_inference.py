@@ -348,3 +348,35 @@ def test_sleep_mode_refused_on_cpu():
         pytest.skip("CUDA present: sleep mode is allowed")
     with pytest.raises(ValueError, match="sleep mode needs CUDA"):
         init_vllm("unused", seed=0, enable_sleep_mode=True)
+
+
+def test_request_seeds_are_distinct_and_bounded():
+    from utils.inference import request_seed
+
+    seeds = {request_seed(s, k, j) for s in (0, 1, 12345) for k in (0, 1, 7, 5000) for j in (0, 1, 1023)}
+    assert len(seeds) == 3 * 4 * 3 and max(seeds) < 2**32  # the CPU generator reads 32 bits
+    assert len({request_seed(5, k, j) for k in range(3000) for j in range(4)}) == 3000 * 4
+    assert request_seed(3, 9, 0) + 2 == request_seed(3, 9, 2)  # vLLM's child seeds (seed + j) stay in the key's block
+    with pytest.raises(ValueError):
+        request_seed(0, 0, 1024)
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_keyed_sampling_does_not_depend_on_the_batch(pair, backend):
+    """A resumed evaluation generates a subset of the prompts: with request keys each prompt's samples are the ones
+    it gets in the full batch; equal prompts under different keys get different samples."""
+    engine = pair.vllm if backend == "vllm" else pair.hf
+    sampling = SamplingConfig(temperature=1.0, max_tokens=12, n=2, seed=7)
+    prompts = PROMPTS + [PROMPTS[0]]  # the first prompt twice, under keys 0 and 4
+    full = engine.generate(prompts, sampling, use_tqdm=False, request_keys=[0, 1, 2, 3, 4])
+    again = engine.generate(prompts, sampling, use_tqdm=False, request_keys=[0, 1, 2, 3, 4])
+    subset = engine.generate([prompts[3], prompts[1]], sampling, use_tqdm=False, request_keys=[3, 1])
+    assert _ids(again) == _ids(full)
+    assert _ids(subset) == [_ids(full)[3], _ids(full)[1]]
+    assert _ids(full)[0] != _ids(full)[4]  # same prompt, another key: another random stream
+    assert all(x[0].token_ids != x[1].token_ids for x in full)  # the n samples of a request differ
+    other_seed = engine.generate(prompts, SamplingConfig(temperature=1.0, max_tokens=12, n=2, seed=8),
+                                 use_tqdm=False, request_keys=[0, 1, 2, 3, 4])
+    assert _ids(other_seed) != _ids(full)
+    with pytest.raises(ValueError, match="2 request keys for 5 prompts"):
+        engine.generate(prompts, sampling, use_tqdm=False, request_keys=[0, 1])

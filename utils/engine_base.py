@@ -16,10 +16,10 @@ class SamplingConfig:
     """Sampling parameters shared by both backends (vLLM's names and meanings).
 
     temperature 0 is greedy. `stop` strings end a sample; `include_stop_str_in_output` keeps the matched stop string in
-    the text. `n` samples per prompt. `seed`: the HF backend draws this call's samples from a generator seeded with it
-    (None: the engine's generator, seeded once by `make_engine(seed=...)`, continues). vLLM always samples from the
-    engine seed (`LLM(seed=...)`): one per-request seed gives every prompt of a batch the same random stream (measured:
-    correlated first tokens across prompts), and was reported to crash the vLLM 0.32 CPU engine.
+    the text. `n` samples per prompt. `seed`: with the `request_keys` of `InferenceEngine.generate`, every sample gets its own
+    seed (`request_seed`), in both backends, so samples do not depend on batching or on what ran before; without
+    keys, the HF backend draws this call's samples from one generator seeded with it and vLLM from its engine seed
+    (one seed shared by every prompt would give them all the same random stream).
     """
 
     temperature: float = 1.0
@@ -63,9 +63,16 @@ class InferenceEngine:
     model_name: str = ""
 
     def generate(
-        self, prompts: list[str], sampling: SamplingConfig, use_tqdm: bool = True
-    ) -> list[list[Completion]]:
+        self, prompts: list[str], sampling: SamplingConfig, use_tqdm: bool = True,
+        request_keys: list[int] | None = None,
+    ) -> list[list[Completion]]:  # fmt: skip
         """Generate `sampling.n` completions for each prompt.
+
+        Args:
+            request_keys: one stable integer per prompt (its example index). With `sampling.seed` set, sample j of a
+                prompt is drawn from its own generator seeded `request_seed(sampling.seed, key, j)`, so a prompt gets
+                the same samples whatever else is in the batch: a resumed run samples what the uninterrupted run
+                did. None: the engine's own random stream.
 
         Returns:
             one list per prompt, in prompt order, of `sampling.n` Completions.
@@ -84,6 +91,24 @@ class InferenceEngine:
 
     def close(self) -> None:
         """Release the engine's memory. The engine cannot be used afterwards."""
+
+
+MAX_SAMPLES_PER_REQUEST = 1 << 10  # request_seed leaves 10 bits for the sample index
+MAX_REQUEST_KEY = 1 << 22
+
+
+def request_seed(seed: int, key: int, sample: int = 0) -> int:
+    """The seed of sample `sample` of the prompt with stable key `key` (its example index) under run seed `seed`.
+
+    32 bits, since PyTorch's CPU generator (Mersenne Twister) ignores higher seed bits: 22 bits place the key's block,
+    offset by the run seed, 10 bits number its samples. vLLM seeds a request's n samples with `seed + j`, which stays
+    inside the block. Distinct for every (key, sample) of one run seed.
+    """
+    if not 0 <= key < MAX_REQUEST_KEY or not 0 <= sample < MAX_SAMPLES_PER_REQUEST:
+        raise ValueError(f"request key {key} (< {MAX_REQUEST_KEY}) or sample {sample} "
+                         f"(< {MAX_SAMPLES_PER_REQUEST}) out of range")  # fmt: skip
+    block = (seed * 2654435761 + key) % MAX_REQUEST_KEY  # a bijection of key for a fixed run seed
+    return block * MAX_SAMPLES_PER_REQUEST + sample
 
 
 def _unwrap_compiled(model):

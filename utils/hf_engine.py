@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from utils.engine_base import Completion, InferenceEngine, SamplingConfig, _unwrap_compiled, policy_state_dict
+from utils.engine_base import (Completion, InferenceEngine, SamplingConfig, _unwrap_compiled, policy_state_dict,
+                               request_seed)  # fmt: skip
 
 
 def find_stop(text: str, stop: list[str], include_stop_str_in_output: bool) -> int | None:
@@ -45,13 +46,15 @@ def _eos_ids(tokenizer, model) -> set[int]:
 
 
 def sample_next_token(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
+    logits: torch.Tensor, temperature: float, top_p: float,
+    generator: torch.Generator | list[torch.Generator] | None,
+) -> torch.Tensor:  # fmt: skip
     """Pick the next token per row: argmax when temperature == 0, else a draw from softmax(logits / T) restricted to
     the smallest set of tokens whose probability reaches `top_p` (nucleus sampling).
 
     Args:
         logits: (B, V) float32 next-token logits.
+        generator: one generator for the batch, or one per row (each row's draws then depend on that row alone).
 
     Returns:
         (B,) int64 token ids.
@@ -64,6 +67,8 @@ def sample_next_token(
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the strictly more likely tokens
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
         probs = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p[None], num_samples=1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
@@ -99,7 +104,8 @@ class HFEngine(InferenceEngine):
         names = set(target.state_dict())
         target.load_state_dict({k: v for k, v in policy_state_dict(policy).items() if k in names}, strict=True)
 
-    def generate(self, prompts: list[str], sampling: SamplingConfig, use_tqdm: bool = True) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], sampling: SamplingConfig, use_tqdm: bool = True,
+                 request_keys: list[int] | None = None) -> list[list[Completion]]:  # fmt: skip
         from tqdm.auto import tqdm
 
         prompt_ids = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -107,9 +113,17 @@ class HFEngine(InferenceEngine):
             if self.max_model_len is not None and len(ids) >= self.max_model_len:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens, no room to generate within max_model_len "
                                  f"{self.max_model_len}")  # fmt: skip
+        if request_keys is not None and len(request_keys) != len(prompts):
+            raise ValueError(f"{len(request_keys)} request keys for {len(prompts)} prompts")
+        seeded = request_keys is not None and sampling.seed is not None and sampling.temperature > 0
         generator = self._generator
-        if sampling.seed is not None:
+        if sampling.seed is not None and not seeded:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+
+        def row_generator(i: int, j: int):
+            if not seeded:
+                return generator
+            return torch.Generator(device=self.device).manual_seed(request_seed(sampling.seed, request_keys[i], j))
         # One request per (prompt, sample); longest prompts first so each batch pads little.
         requests = [(i, j) for i in range(len(prompts)) for j in range(sampling.n)]
         requests.sort(key=lambda r: -len(prompt_ids[r[0]]))
@@ -121,7 +135,8 @@ class HFEngine(InferenceEngine):
             bar = tqdm(total=len(requests), desc="generate (hf)", disable=not use_tqdm, leave=False)
             for start in range(0, len(requests), self.max_num_seqs):
                 batch = requests[start : start + self.max_num_seqs]
-                outs = self._generate_batch(module, [prompt_ids[i] for i, _ in batch], sampling, generator)
+                gens = [row_generator(i, j) for i, j in batch] if seeded else generator
+                outs = self._generate_batch(module, [prompt_ids[i] for i, _ in batch], sampling, gens)
                 for (i, j), completion in zip(batch, outs):
                     results[i][j] = completion
                 bar.update(len(batch))
@@ -132,7 +147,7 @@ class HFEngine(InferenceEngine):
 
     @torch.no_grad()
     def _generate_batch(self, model, prompt_ids: list[list[int]], sampling: SamplingConfig,
-                        generator: torch.Generator) -> list[Completion]:  # fmt: skip
+                        generator: torch.Generator | list[torch.Generator]) -> list[Completion]:  # fmt: skip
         B, L = len(prompt_ids), max(len(p) for p in prompt_ids)
         input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((B, L), dtype=torch.long)

@@ -30,7 +30,8 @@ import argparse
 import torch
 
 # The interface and both backends, re-exported: `from utils.inference import init_vllm, ...` is the import to use.
-from utils.engine_base import Completion, InferenceEngine, SamplingConfig, _unwrap_compiled, policy_state_dict
+from utils.engine_base import (Completion, InferenceEngine, SamplingConfig, _unwrap_compiled, policy_state_dict,
+                               request_seed)  # fmt: skip
 from utils.hf_engine import HFEngine, find_stop, sample_next_token
 from utils.vllm_engine import (VLLMEngine, _import_vllm, check_vllm_matches_policy, checkpoint_dtype, claim_vllm_device,
                                cuda_device_scope, init_vllm, load_policy_into_vllm_instance)
@@ -139,5 +140,5 @@ __all__ = [
     "Completion", "HFEngine", "InferenceEngine", "SamplingConfig", "VLLMEngine", "check_vllm_matches_policy",
     "checkpoint_dtype", "claim_vllm_device", "cuda_device_scope",
     "find_stop", "init_vllm", "load_policy_into_vllm_instance", "make_engine", "policy_state_dict",
-    "sample_next_token",
+    "request_seed", "sample_next_token",
 ]  # fmt: skip

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from utils.engine_base import Completion, InferenceEngine, SamplingConfig, _unwrap_compiled, policy_state_dict
+from utils.engine_base import (Completion, InferenceEngine, SamplingConfig, _unwrap_compiled, policy_state_dict,
+                               request_seed)  # fmt: skip
 
 
 def _import_vllm():
@@ -202,22 +203,31 @@ class VLLMEngine(InferenceEngine):
         self._asleep = False
         self._seed_note_printed = False
 
-    def generate(self, prompts: list[str], sampling: SamplingConfig, use_tqdm: bool = True) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], sampling: SamplingConfig, use_tqdm: bool = True,
+                 request_keys: list[int] | None = None) -> list[list[Completion]]:  # fmt: skip
         vllm = _import_vllm()
-        if sampling.seed is not None and sampling.temperature > 0 and not self._seed_note_printed:
-            print(f"inference: vLLM samples from the engine seed; SamplingConfig.seed={sampling.seed} is not passed "
-                  f"per request (it would give every prompt the same random stream)", flush=True)  # fmt: skip
+        seeded = request_keys is not None and sampling.seed is not None and sampling.temperature > 0
+        if sampling.seed is not None and sampling.temperature > 0 and not seeded and not self._seed_note_printed:
+            print(f"inference: no request keys given, so vLLM samples from the engine seed; SamplingConfig.seed="
+                  f"{sampling.seed} is not used", flush=True)  # fmt: skip
             self._seed_note_printed = True
-        params = vllm.SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            stop=list(sampling.stop) or None,
-            include_stop_str_in_output=sampling.include_stop_str_in_output,
-        )
+        if request_keys is not None and len(request_keys) != len(prompts):
+            raise ValueError(f"{len(request_keys)} request keys for {len(prompts)} prompts")
+
+        def params(seed: int | None):
+            return vllm.SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                stop=list(sampling.stop) or None,
+                include_stop_str_in_output=sampling.include_stop_str_in_output,
+                seed=seed,  # vLLM seeds sample j of the request with seed + j
+            )
+
+        per_request = [params(request_seed(sampling.seed, k)) for k in request_keys] if seeded else params(None)
         with cuda_device_scope(self.device):
-            outputs = self.llm.generate(list(prompts), params, use_tqdm=use_tqdm)
+            outputs = self.llm.generate(list(prompts), per_request, use_tqdm=use_tqdm)
         return [[Completion(o.text, list(o.token_ids), o.finish_reason) for o in req.outputs] for req in outputs]
 
     def load_weights(self, policy, check_prompt_ids: list[int] | None = None, check_tolerance: float = 0.0) -> None:
