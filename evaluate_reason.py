@@ -19,7 +19,7 @@ import argparse
 import re
 from pathlib import Path
 
-from utils.inference import add_engine_flags
+from utils.cli_flags import add_engine_flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.training import add_run_flags, add_speed_flags, parse_with_presets
+from utils.cli_flags import add_run_flags, add_speed_flags, check_speed_flags, parse_with_presets
 
 PRESETS = {
     "demo": dict(
@@ -127,12 +127,15 @@ def main(args: argparse.Namespace) -> dict:
     import torch
 
     from utils import distributed as D
+    from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.dataloader import ExampleStream
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
     from utils.metrics_logger import MetricsLogger, format_step_line
-    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, MFU_FORMULA, attention_width, gpu_step_metrics, matmul_parameters, step_flop_counts, training_flops, latest_checkpoint, load_checkpoint, load_policy,
-                                lr_at_step, model_dtype_for, resolve_precision, save_checkpoint, train_step)
+    from utils.model_setup import compile_decoder_layers, load_policy
+    from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, gpu_step_metrics,
+                                lr_at_step, matmul_parameters, model_dtype_for, resolve_precision, step_flop_counts,
+                                train_step, training_flops)
 
     check_args(args)
     info = D.init_distributed(pick_device(args.device))

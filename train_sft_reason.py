@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.training import add_run_flags, add_speed_flags, parse_with_presets
+from utils.cli_flags import add_run_flags, add_speed_flags, check_speed_flags, parse_with_presets
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
@@ -120,13 +120,16 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict:
     import torch
 
+    from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.dataloader import (ExampleStream, drop_overlong, format_prompts, load_reason_records, make_micro_batches,
                                   make_packed_micro_batches, select_examples)
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
     from utils.metrics_logger import MetricsLogger, format_step_line
+    from utils.model_setup import compile_decoder_layers, load_policy
     from utils.reason_validation import ReasonValidator
-    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, MFU_FORMULA, attention_width, gpu_step_metrics, matmul_parameters, step_flop_counts, training_flops, latest_checkpoint, load_checkpoint, load_policy, lr_at_step,
-                                model_dtype_for, resolve_precision, save_checkpoint, train_step)
+    from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, gpu_step_metrics,
+                                lr_at_step, matmul_parameters, model_dtype_for, resolve_precision, step_flop_counts,
+                                train_step, training_flops)
 
     check_args(args)
     device = pick_device(args.device)

@@ -126,8 +126,9 @@ def fresh_model(shape: dict, precision: str, device: str, attention: str = "sdpa
     import torch
 
     from utils.doc_attention import set_attention_backend
+    from utils.model_setup import apply_liger_kernels
     from utils.tiny_models import build_tiny_model
-    from utils.training import apply_liger_kernels, model_dtype_for
+    from utils.training import model_dtype_for
 
     spec = {k: v for k, v in shape.items() if k not in ("family", "vocab_size")}
     with torch.device(device):  # initializing 1.5B parameters on the CPU takes longer than the benchmark
@@ -143,8 +144,9 @@ def run_config(name, cfg, args, shape, steps_examples, device):
     import torch
 
     from utils.dataloader import pack_examples
-    from utils.training import (attention_width, build_optimizer, compile_decoder_layers, matmul_parameters,
-                                resolve_precision, train_step, training_flops)  # fmt: skip
+    from utils.model_setup import compile_decoder_layers
+    from utils.training import (attention_width, build_optimizer, matmul_parameters, resolve_precision, train_step,
+                                training_flops)  # fmt: skip
 
     precision = resolve_precision(args.precision, device)
     model = fresh_model(shape, precision, device, cfg["attention"], cfg.get("liger", False))
