@@ -108,21 +108,6 @@ def rows_to_batch(dataset, rows: list[int], packing: str, attention: str) -> dic
     return batch
 
 
-def evaluate_loss(model, dataset, args, info, precision) -> dict:
-    """Teacher-forced loss on the test rows, split evenly over ranks (every rank runs the same number of forwards)."""
-    from utils.distributed import all_reduce_sum
-    from utils.training import teacher_forced_eval
-
-    n = len(dataset) if args.eval_max_rows < 0 else min(len(dataset), args.eval_max_rows)
-    n -= n % info.world_size
-    rows = list(range(info.rank, n, info.world_size))
-    batches = (rows_to_batch(dataset, rows[i : i + args.micro_batch_size], args.packing, args.attention)
-               for i in range(0, len(rows), args.micro_batch_size))
-    out = teacher_forced_eval(model, batches, precision, args.chunk_size)
-    nll, ent, tokens = all_reduce_sum([out["nll_sum"], out["entropy_sum"], out["response_tokens"]], info)
-    return {"eval/test_loss": nll / max(1, tokens), "eval/test_token_entropy": ent / max(1, tokens), "eval/test_tokens": tokens}
-
-
 def main(args: argparse.Namespace) -> dict:
     import torch
 
@@ -133,15 +118,15 @@ def main(args: argparse.Namespace) -> dict:
     from utils.instruct_dataset import PackedSFTDataset
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.model_setup import compile_decoder_layers, load_policy
-    from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, gpu_step_metrics,
-                                lr_at_step, matmul_parameters, model_dtype_for, resolve_precision, step_flop_counts,
-                                train_step, training_flops)
+    from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, evaluate_loss,
+                                gpu_step_metrics, lr_at_step, matmul_parameters, model_dtype_for, resolve_precision,
+                                step_flop_counts, train_step, training_flops)
 
     check_args(args)
     info = D.init_distributed(pick_device(args.device))
     device = info.device
     precision = resolve_precision(args.precision, device)
-    check_speed_flags(args, device)
+    check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
     run_name = args.run_name or f"instruct_{Path(args.model).name}_{'mask' if args.mask_prompt else 'nomask'}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = Path(args.output_dir) / run_name
     if info.is_main:
@@ -202,8 +187,12 @@ def main(args: argparse.Namespace) -> dict:
         if logger is not None:
             logger.log(metrics, step)
 
+    def test_batch(rows):
+        return rows_to_batch(test_ds, rows, args.packing, args.attention)
+
     def run_eval(step):
-        m = evaluate_loss(model, test_ds, args, info, precision)
+        m = evaluate_loss(model, len(test_ds), test_batch, args.micro_batch_size, info, precision, args.chunk_size,
+                          args.eval_max_rows)
         say(f"eval step {step:05d} | test loss {m['eval/test_loss']:.4f} | {int(m['eval/test_tokens'])} tokens", flush=True)
         log(m, step)
         return m

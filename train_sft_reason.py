@@ -124,6 +124,7 @@ def main(args: argparse.Namespace) -> dict:
     from utils.dataloader import (ExampleStream, drop_overlong, format_prompts, load_reason_records, make_micro_batches,
                                   make_packed_micro_batches, select_examples)
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
+    from utils.inference import SamplingConfig
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.model_setup import compile_decoder_layers, load_policy
     from utils.reason_validation import ReasonValidator
@@ -134,7 +135,7 @@ def main(args: argparse.Namespace) -> dict:
     check_args(args)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    check_speed_flags(args, device)
+    check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
     run_name = args.run_name or f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = check_writable_dir(Path(args.output_dir) / run_name, "--output-dir")
     ckpt_dir = run_dir / "checkpoints"
@@ -181,7 +182,14 @@ def main(args: argparse.Namespace) -> dict:
     if args.compile:
         print(f"compile: {compile_decoder_layers(model)} decoder layers (torch.compile, first steps are slow)")
 
-    validator = ReasonValidator(args, model, tokenizer, val_records, template, run_dir, device, precision)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                              stop=[args.stop], include_stop_str_in_output=True, n=1, seed=args.seed)
+    validator = ReasonValidator(model, tokenizer, val_records, template, run_dir, device, precision, sampling,
+                                val_size=args.val_size, val_seed=args.val_seed,
+                                num_samples_logged=args.num_samples_logged, grader_workers=args.grader_workers,
+                                micro_batch_size=args.micro_batch_size, chunk_size=args.chunk_size, engine=args.engine,
+                                engine_seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
+                                max_model_len=args.max_seq_len + args.max_tokens, vllm_device=args.vllm_device)
     if start_step == 0 and args.eval_every > 0:
         validator.run(0, logger)
 

@@ -1,4 +1,4 @@
-"""The shared training step, schedules and MFU accounting."""
+"""The shared training step, teacher-forced evaluation, schedules and MFU accounting."""
 
 import math
 
@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from utils.post_train import tokenize_prompt_and_output
-from utils.training import NonFiniteLossError, build_optimizer, lr_at_step, train_step
+from utils.training import (NonFiniteLossError, build_optimizer, evaluate_loss, lr_at_step, teacher_forced_eval,
+                            train_step)
 
 
 def test_lr_schedules_at_known_steps():
@@ -58,6 +59,26 @@ def test_gradient_accumulation_matches_one_big_batch(model_and_batch, tiny_qwen_
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_evaluate_loss_takes_the_first_rows_in_micro_batches_and_equals_one_big_batch(model_and_batch):
+    """The instruction trainer's test loss: `max_rows` rows, `micro_batch_size` at a time, the same per-token mean
+    and entropy as one teacher-forced pass over those rows (padding never counts)."""
+    from utils.distributed import DistInfo
+
+    model, tok, prompts, outputs = model_and_batch
+    asked = []
+
+    def make_batch(rows):
+        asked.append(rows)
+        return tokenize_prompt_and_output([prompts[i] for i in rows], [outputs[i] for i in rows], tok)
+
+    got = evaluate_loss(model, len(prompts), make_batch, 2, DistInfo(), max_rows=3)
+    assert asked == [[0, 1], [2]]
+    ref = teacher_forced_eval(model, [tokenize_prompt_and_output(prompts[:3], outputs[:3], tok)])
+    assert got["eval/test_tokens"] == ref["response_tokens"] > 0
+    assert got["eval/test_loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert got["eval/test_token_entropy"] == pytest.approx(ref["token_entropy"], rel=1e-5)
 
 
 def test_non_finite_loss_raises_and_leaves_weights(model_and_batch):

@@ -37,16 +37,16 @@ def add_speed_flags(group) -> None:
                        help="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; pip install liger-kernel)")
 
 
-def check_speed_flags(args, device: str) -> None:
+def check_speed_flags(device: str, attention: str, chunk_size: int, fused_lm_head: bool, liger: bool) -> None:
     """Refuse --attention flex and --liger off CUDA (neither has a CPU training path) and --fused-lm-head without
-    --chunk-size, before any model loads."""
-    if args.fused_lm_head and args.chunk_size <= 0:
+    --chunk-size, before any model loads. The arguments are the resolved device and the flags' values."""
+    if fused_lm_head and chunk_size <= 0:
         raise SystemExit("--fused-lm-head works chunk by chunk: set --chunk-size (e.g. 4096)")
     if not device.startswith("cuda"):
-        if args.attention == "flex":
+        if attention == "flex":
             raise SystemExit(f"--attention flex needs CUDA (PyTorch has no FlexAttention backward on CPU); device is "
                              f"{device}: use --attention varlen")
-        if args.liger:
+        if liger:
             raise SystemExit(f"--liger needs CUDA (Liger's kernels are Triton); device is {device}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -292,7 +292,8 @@ def _fused_microbatch(model, mb, extra, precision, chunk_size, n_step_examples, 
 
 @torch.no_grad()
 def teacher_forced_eval(
-    model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], precision: str = "fp32", chunk_size: int = 0
+    model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], precision: str = "fp32",
+    chunk_size: int = 0,
 ) -> dict[str, float]:
     """Mean -log p and entropy over response tokens of reference data (never the model's own samples).
 
@@ -317,3 +318,26 @@ def teacher_forced_eval(
     model.train(was_training)
     return {"loss": nll / max(1, n), "token_entropy": ent / max(1, n), "nll_sum": nll, "entropy_sum": ent,
             "response_tokens": n}
+
+
+def evaluate_loss(model: torch.nn.Module, n_rows: int, make_batch: Callable[[list[int]], dict], micro_batch_size: int,
+                  dist_info, precision: str = "fp32", chunk_size: int = 0, max_rows: int = -1) -> dict[str, float]:
+    """Teacher-forced loss on the test rows, split evenly over ranks (every rank runs the same number of forwards).
+
+    Rows `0 .. min(n_rows, max_rows) - 1` (`max_rows` -1 = all), cut to a multiple of the world size; rank r takes
+    rows r, r + world, ...; `make_batch(row_indices)` turns `micro_batch_size` of them into a micro-batch for
+    `teacher_forced_eval`. `dist_info` comes from `utils.distributed.init_distributed` (world size 1 = one process).
+
+    Returns global (all ranks) `eval/test_loss`, `eval/test_token_entropy` (means over response tokens) and
+    `eval/test_tokens`.
+    """
+    from utils.distributed import all_reduce_sum
+
+    n = n_rows if max_rows < 0 else min(n_rows, max_rows)
+    n -= n % dist_info.world_size
+    rows = list(range(dist_info.rank, n, dist_info.world_size))
+    batches = (make_batch(rows[i : i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size))
+    out = teacher_forced_eval(model, batches, precision, chunk_size)
+    nll, ent, tokens = all_reduce_sum([out["nll_sum"], out["entropy_sum"], out["response_tokens"]], dist_info)
+    return {"eval/test_loss": nll / max(1, tokens), "eval/test_token_entropy": ent / max(1, tokens),
+            "eval/test_tokens": tokens}
