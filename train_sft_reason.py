@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -118,8 +116,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    import torch
-
     from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.dataloader import (ExampleStream, drop_overlong, format_prompts, load_reason_records, make_micro_batches,
                                   make_packed_micro_batches, select_examples)
@@ -229,5 +225,5 @@ def main(args: argparse.Namespace) -> dict:
     return {"run_dir": str(run_dir), "history": validator.history, "final_step": steps}
 
 
-if __name__ == "__main__":
-    sys.exit(0 if main(parse_args()) else 1)
+if __name__ == "__main__":  # vLLM's workers re-import this module; the guard keeps them from re-running main
+    main(parse_args())
