@@ -140,7 +140,8 @@ def load_checkpoint(
         missing, unexpected = target.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if getattr(target.config, "tie_word_embeddings", False) else set()
         if set(missing) - tied or unexpected:
-            raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+            raise RuntimeError(f"{path}: checkpoint does not match the model "
+                               f"(missing {missing}, unexpected {unexpected})")
         if optimizer is not None and blob["optimizer"] is not None:
             optimizer.load_state_dict(blob["optimizer"])
     set_rng_state(blob["rng"])

@@ -1,4 +1,4 @@
-"""Model setup for training: load the policy and tokenizer (or build a tiny one), compile decoder layers, Liger kernels."""
+"""Model setup for training: the policy and tokenizer (or a tiny one built), compiled decoder layers, Liger kernels."""
 
 from __future__ import annotations
 
