@@ -22,7 +22,9 @@ class ReasonValidator:
                  grader_workers: int = 2, micro_batch_size: int = 2, chunk_size: int = 0, engine: str = "auto",
                  engine_seed: int = 0, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
                  vllm_device: str | None = None):
-        """Args:
+        """Fix the val subset, its prompts and the grader; the engine starts at the first `run`.
+
+        Args:
             policy, tokenizer: the model being trained (validated in place, never copied) and its tokenizer.
             val_records: `{problem, expected_answer}` dicts, `response` optional (teacher-forced loss on those).
             template: the prompt with a `{question}` slot; run_dir: samples go to `<run_dir>/samples/`.
