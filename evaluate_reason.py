@@ -6,7 +6,7 @@ Smoke run (the 20 bundled problems; any checkpoint folder works in place of a hu
     python evaluate_reason.py --model Qwen/Qwen2.5-Math-1.5B --data data/sft-reason/sample_val.jsonl --max-tokens 256
 CPU check of the CPU demo's checkpoint on its own val set (greedy; matches the trainer's last in-loop eval):
     python evaluate_reason.py --model results/demo/checkpoints/step_000500 --data data/demo/val.jsonl \
-        --prompt data/demo/demo.prompt --temperature 0 --max-tokens 64
+        --prompt-template data/demo/demo.prompt --temperature 0 --max-tokens 64
 
 Writes <output-dir>/config.json (these flags, before generating), records.jsonl (one record per example, appended as
 chunks finish), generation.json and summary.json. Rerunning the same command after an interruption continues where
@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from utils.cli_flags import add_deprecated_alias, add_engine_flags
+
+# YAML keys of renamed flags, still read under the new name (--config)
+RENAMED_KEYS = {"prompt": "prompt_template", "output": "output_dir"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,8 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF hub id or local model folder")
     g.add_argument("--data", default="data/sft-reason/val.jsonl",
                    help="JSONL or JSON array of {problem|question, expected_answer|answer|ground_truth}")
-    g.add_argument("--prompt", default="data/r1_zero.prompt",
+    g.add_argument("--prompt-template", default="data/r1_zero.prompt",
                    help="prompt file with a {question} slot (the one training uses)")
+    add_deprecated_alias(g, "--prompt", "--prompt-template")
     g.add_argument("--max-examples", type=int, default=-1, help="first N problems of the file (-1 = all)")
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -69,6 +74,10 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raise SystemExit(f"--config {path}: file not found")
     raw = yaml.safe_load(Path(path).read_text()) or {}
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    for old, new in RENAMED_KEYS.items():
+        if old in values:
+            print(f"--config {path}: key {old!r} is deprecated: use {new!r}", file=sys.stderr)
+            values[new] = values.pop(old)
     benchmark = values.pop("benchmark", "math")
     if benchmark != "math":
         raise SystemExit(f"--config {path}: benchmark {benchmark!r}; evaluate_reason.py runs 'math' "
@@ -97,8 +106,8 @@ def check_args(args: argparse.Namespace) -> None:
         hint = " (download it: python play-scripts/data-scripts/download_data.py)" if "sft-reason" in args.data else ""
         raise SystemExit(f"--data {args.data}: file not found{hint}; "
                          "a 20-problem sample: data/sft-reason/sample_val.jsonl")
-    if not Path(args.prompt).exists():
-        raise SystemExit(f"--prompt {args.prompt}: file not found")
+    if not Path(args.prompt_template).exists():
+        raise SystemExit(f"--prompt-template {args.prompt_template}: file not found")
 
 
 def default_output_dir(args: argparse.Namespace) -> str:
@@ -117,7 +126,7 @@ def main(args: argparse.Namespace) -> dict:
     args.output_dir = args.output_dir or default_output_dir(args)
     out = check_writable_dir(args.output_dir, "--output-dir")
     seed_everything(args.seed)
-    benchmark = REGISTRY["math"](prompt_template=load_prompt(args.prompt), grader_workers=args.grader_workers,
+    benchmark = REGISTRY["math"](prompt_template=load_prompt(args.prompt_template), grader_workers=args.grader_workers,
                                  grader_timeout_s=args.grader_timeout_s)  # fmt: skip
     try:
         examples = benchmark.load_examples(args.data, args.max_examples)  # every record checked before the model loads

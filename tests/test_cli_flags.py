@@ -11,6 +11,7 @@ ALIASES = [  # (script, old spelling, new spelling, a value)
     (train_sft_instruct, "--seq-length", "--max-seq-len", "64"),
     (train_sft_instruct, "--template", "--prompt-template", "data/demo/demo.prompt"),
     (evaluate_reason, "--output", "--output-dir", "results/elsewhere"),
+    (evaluate_reason, "--prompt", "--prompt-template", "data/demo/demo.prompt"),
 ]
 
 
@@ -26,7 +27,8 @@ def test_min_lr_ratio_becomes_the_absolute_min_lr(capsys):
     new = train_sft_reason.parse_args(["--preset", "demo", "--lr", "2e-3", "--min-lr", "5e-4"])
     assert old.min_lr == pytest.approx(5e-4)
     assert vars(old) == {**vars(new), "min_lr": old.min_lr}  # no leftover ratio key in config.json
-    assert capsys.readouterr().err.splitlines() == ["--min-lr-ratio is deprecated: use --min-lr (absolute: --lr x ratio)"]
+    said = capsys.readouterr().err.splitlines()
+    assert said == ["--min-lr-ratio is deprecated: use --min-lr (absolute: --lr x ratio)"]
 
 
 @pytest.mark.parametrize("script, old", [(train_sft_reason, "--min-lr-ratio")] + [a[:2] for a in ALIASES])
@@ -41,6 +43,18 @@ def test_deprecated_spellings_are_hidden_from_usage(script, old, capsys):
 def test_both_trainers_spell_a_concept_the_same(flag):
     for script in (train_sft_reason, train_sft_instruct):
         assert flag.lstrip("-").replace("-", "_") in vars(script.parse_args(["--preset", "demo"])), script.__name__
+
+
+def test_evaluate_reason_reads_the_renamed_keys_of_a_yaml_config(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("benchmark: math\nprompt: data/demo/demo.prompt\noutput: results/x\n")
+    args = evaluate_reason.parse_args(["--config", str(old)])
+    assert args.prompt_template == "data/demo/demo.prompt" and args.output_dir == "results/x"
+    assert "prompt" not in vars(args) and "output" not in vars(args)
+    assert capsys.readouterr().err.splitlines() == [
+        f"--config {old}: key 'prompt' is deprecated: use 'prompt_template'",
+        f"--config {old}: key 'output' is deprecated: use 'output_dir'",
+    ]
 
 
 @pytest.mark.parametrize(

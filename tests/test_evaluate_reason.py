@@ -412,6 +412,7 @@ def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
     args = parse_args(["--config", str(REPO_ROOT / "data" / "eval_configs" / "math.yaml"), "--temperature", "0"])
     assert args.temperature == 0.0 and args.max_tokens == 1024 and args.stop == ["</answer>"]
     assert args.data == "data/sft-reason/val.jsonl" and args.include_stop_str is True
+    assert args.prompt_template == "data/r1_zero.prompt"
     bad = tmp_path / "bad.yaml"
     bad.write_text("benchmark: math\ntemprature: 0.5\n")
     with pytest.raises(SystemExit, match=r"unknown keys \['temprature'\]"):
