@@ -25,7 +25,7 @@ import json
 import re
 from pathlib import Path
 
-from utils.inference import add_engine_flags
+from utils.cli_flags import add_engine_flags
 
 ALL_CONFIGS = [f"data/eval_configs/{b}.yaml" for b in ("gsm8k", "mmlu", "sst", "alpaca_eval")]
 JUDGED = ("sst", "alpaca_eval")

@@ -6,9 +6,9 @@ Smoke run (the 20 bundled problems; any checkpoint folder works in place of a hu
     python evaluate_reason.py --model Qwen/Qwen2.5-Math-1.5B --data data/sft-reason/sample_val.jsonl --max-tokens 256
 CPU check of the CPU demo's checkpoint on its own val set (greedy; matches the trainer's last in-loop eval):
     python evaluate_reason.py --model results/demo/checkpoints/step_000500 --data data/demo/val.jsonl \
-        --prompt data/demo/demo.prompt --temperature 0 --max-tokens 64
+        --prompt-template data/demo/demo.prompt --temperature 0 --max-tokens 64
 
-Writes <output>/config.json (these flags, before generating), records.jsonl (one record per example, appended as
+Writes <output-dir>/config.json (these flags, before generating), records.jsonl (one record per example, appended as
 chunks finish), generation.json and summary.json. Rerunning the same command after an interruption continues where
 it stopped. `--config data/eval_configs/math.yaml` sets defaults from a YAML file; flags override it.
 """
@@ -17,34 +17,48 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
-from utils.inference import add_engine_flags
+from utils.cli_flags import add_deprecated_alias, add_engine_flags
+
+# YAML keys of renamed flags, still read under the new name (--config)
+RENAMED_KEYS = {"prompt": "prompt_template", "output": "output_dir"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML file of flag defaults (keys = flag names), e.g. data/eval_configs/math.yaml")
+    p.add_argument("--config", default=None,
+                   help="YAML file of flag defaults (keys = flag names), e.g. data/eval_configs/math.yaml")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF hub id or local model folder")
-    g.add_argument("--data", default="data/sft-reason/val.jsonl", help="JSONL or JSON array of {problem|question, expected_answer|answer|ground_truth}")
-    g.add_argument("--prompt", default="data/r1_zero.prompt", help="prompt file with a {question} slot (the one training uses)")
+    g.add_argument("--data", default="data/sft-reason/val.jsonl",
+                   help="JSONL or JSON array of {problem|question, expected_answer|answer|ground_truth}")
+    g.add_argument("--prompt-template", default="data/r1_zero.prompt",
+                   help="prompt file with a {question} slot (the one training uses)")
+    add_deprecated_alias(g, "--prompt", "--prompt-template")
     g.add_argument("--max-examples", type=int, default=-1, help="first N problems of the file (-1 = all)")
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     g.add_argument("--max-tokens", type=int, default=1024, help="max generated tokens per sample")
     g.add_argument("--stop", nargs="+", default=["</answer>"], help="stop strings")
-    g.add_argument("--include-stop-str", action=argparse.BooleanOptionalAction, default=True, help="keep the matched stop string in the response (the format reward needs </answer>)")
-    g.add_argument("--n-samples", type=int, default=1, help="samples per problem; > 1 adds pass@k and majority-vote accuracy")
+    g.add_argument("--include-stop-str", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the matched stop string in the response (the format reward needs </answer>)")
+    g.add_argument("--n-samples", type=int, default=1,
+                   help="samples per problem; > 1 adds pass@k and majority-vote accuracy")
     g.add_argument("--seed", type=int, default=0, help="engine sampling seed")
     g = p.add_argument_group("engine")
     add_engine_flags(g)
     g = p.add_argument_group("grading and output")
     g.add_argument("--grader-workers", type=int, default=None, help="grader processes (default: min(4, CPUs))")
-    g.add_argument("--grader-timeout-s", type=float, default=5.0, help="seconds one answer may take to grade; over it counts wrong")
-    g.add_argument("--chunk-size", type=int, default=512, help="problems per generate call; records are appended after each (-1 = one call)")
-    g.add_argument("--output", default="", help="output folder (default: results/eval_reason_<model>_<data>_T<temperature>_n<n-samples>)")
+    g.add_argument("--grader-timeout-s", type=float, default=5.0,
+                   help="seconds one answer may take to grade; over it counts wrong")
+    g.add_argument("--chunk-size", type=int, default=512,
+                   help="problems per generate call; records are appended after each (-1 = one call)")
+    g.add_argument("--output-dir", default="",
+                   help="output folder ('' = results/eval_reason_<model>_<data>_T<temperature>_n<n-samples>)")
+    add_deprecated_alias(g, "--output", "--output-dir")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     pre, _ = p.parse_known_args(argv)
     if pre.config:
@@ -60,9 +74,14 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raise SystemExit(f"--config {path}: file not found")
     raw = yaml.safe_load(Path(path).read_text()) or {}
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    for old, new in RENAMED_KEYS.items():
+        if old in values:
+            print(f"--config {path}: key {old!r} is deprecated: use {new!r}", file=sys.stderr)
+            values[new] = values.pop(old)
     benchmark = values.pop("benchmark", "math")
     if benchmark != "math":
-        raise SystemExit(f"--config {path}: benchmark {benchmark!r}; evaluate_reason.py runs 'math' (see evaluate_instruct.py)")
+        raise SystemExit(f"--config {path}: benchmark {benchmark!r}; evaluate_reason.py runs 'math' "
+                         "(see evaluate_instruct.py)")
     known = set(vars(parser.parse_args([])))
     unknown = sorted(set(values) - known)
     if unknown:
@@ -85,12 +104,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--chunk-size {args.chunk_size}: must be >= 1, or -1 for one call")
     if not Path(args.data).exists():
         hint = " (download it: python play-scripts/data-scripts/download_data.py)" if "sft-reason" in args.data else ""
-        raise SystemExit(f"--data {args.data}: file not found{hint}; a 20-problem sample: data/sft-reason/sample_val.jsonl")
-    if not Path(args.prompt).exists():
-        raise SystemExit(f"--prompt {args.prompt}: file not found")
+        raise SystemExit(f"--data {args.data}: file not found{hint}; "
+                         "a 20-problem sample: data/sft-reason/sample_val.jsonl")
+    if not Path(args.prompt_template).exists():
+        raise SystemExit(f"--prompt-template {args.prompt_template}: file not found")
 
 
-def default_output(args: argparse.Namespace) -> str:
+def default_output_dir(args: argparse.Namespace) -> str:
     """results/eval_reason_<model>_<data>_T<temperature>_n<n>: the same command resumes into the same folder."""
     model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model.rstrip("/")).name or args.model)
     return f"results/eval_reason_{model}_{Path(args.data).stem}_T{args.temperature:g}_n{args.n_samples}"
@@ -103,13 +123,13 @@ def main(args: argparse.Namespace) -> dict:
     from utils.inference import SamplingConfig, make_engine
 
     check_args(args)
-    args.output = args.output or default_output(args)
-    out = check_writable_dir(args.output, "--output")
+    args.output_dir = args.output_dir or default_output_dir(args)
+    out = check_writable_dir(args.output_dir, "--output-dir")
     seed_everything(args.seed)
-    benchmark = REGISTRY["math"](prompt_template=load_prompt(args.prompt), grader_workers=args.grader_workers,
+    benchmark = REGISTRY["math"](prompt_template=load_prompt(args.prompt_template), grader_workers=args.grader_workers,
                                  grader_timeout_s=args.grader_timeout_s)  # fmt: skip
     try:
-        examples = benchmark.load_examples(args.data, args.max_examples)  # validates every record before the model loads
+        examples = benchmark.load_examples(args.data, args.max_examples)  # every record checked before the model loads
     except ValueError as e:
         raise SystemExit(f"--data: {e}") from None
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
@@ -118,7 +138,7 @@ def main(args: argparse.Namespace) -> dict:
     try:  # an output folder holding another setting's records fails here, not after the model loads
         done = load_resumable(out, benchmark, examples, generation_settings(benchmark, args.model, args.data, sampling))
     except ValueError as e:
-        raise SystemExit(f"--output: {e}") from None
+        raise SystemExit(f"--output-dir: {e}") from None
     print(f"math: {len(examples)} problems x {args.n_samples} samples = {len(examples) * args.n_samples} generations "
           f"({sum(ex['index'] in done for ex in examples)} problems already done) -> {out}")  # fmt: skip
     write_json(out / "config.json", vars(args))
@@ -152,7 +172,8 @@ def print_summary(summary: dict) -> None:
     if extra:
         print(" | ".join(extra))
     print(f"this run ({summary['engine']}): {t['examples_generated']} problems in {t['wall_s']:.1f} s | "
-          f"{num(t['examples_per_s'], '.2f')} problems/s | {num(t['generated_tokens_per_s'], '.0f')} generated tokens/s")
+          f"{num(t['examples_per_s'], '.2f')} problems/s | "
+          f"{num(t['generated_tokens_per_s'], '.0f')} generated tokens/s")
 
 
 if __name__ == "__main__":  # vLLM's workers re-import this module; the guard keeps them from re-running main

@@ -10,24 +10,30 @@ CPU demo / smoke run (tiny Llama from scratch on the bundled sample):
 Rows per optimizer step = micro-batch x accumulation x ranks. The loss is the mean over every counted token of the
 step (all ranks), the reference's per-token cross-entropy, invariant to how a step is split. Eval loss is on the
 reference test split (teacher-forced), never on the model's own samples.
+
+Flags in more detail:
+  --packing doc   attention and positions restart at each document of a row (concat, the reference, lets a
+                  document attend to the ones before it in the row).
+  --precision     bf16 = pure bf16 weights (AdamW updates below bf16 resolution round away).
+  --max-seq-len   replaces --seq-length, --prompt-template replaces --template (both still accepted).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
-from utils.training import add_run_flags, add_speed_flags, parse_with_presets
+from utils.cli_flags import (add_deprecated_alias, add_run_flags, add_speed_flags, check_speed_flags,
+                             parse_with_presets)
 
 PRESETS = {
     "demo": dict(
         model="tiny",
         train_file="data/sft-instruct/sample_train.jsonl",
         test_file="data/sft-instruct/sample_test.jsonl",
-        seq_length=128,
+        max_seq_len=128,
         micro_batch_size=4,
         gradient_accumulation_steps=2,
         lr=3e-3,
@@ -42,35 +48,46 @@ PRESETS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named set of defaults; flags still override")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named set of defaults; flags still override")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="meta-llama/Llama-3.1-8B", help="HF hub id or folder; 'tiny' = a tiny Llama + BPE built from the training texts")
-    g.add_argument("--train-file", default="data/sft-instruct/train.jsonl", help="{prompt, response} JSON Lines (.gz ok)")
+    g.add_argument("--model", default="meta-llama/Llama-3.1-8B",
+                   help="HF hub id or folder; 'tiny' = a tiny Llama + BPE built from the training texts")
+    g.add_argument("--train-file", default="data/sft-instruct/train.jsonl",
+                   help="{prompt, response} JSON Lines (.gz ok)")
     g.add_argument("--test-file", default="data/sft-instruct/test.jsonl", help="held-out split for the eval loss")
-    g.add_argument("--template", default="data/alpaca_sft.prompt", help="document template with {instruction} and {response}")
-    g.add_argument("--seq-length", type=int, default=512, help="tokens per packed row")
-    g.add_argument("--mask-prompt", action="store_true", help="no loss on prompt tokens (rows with no response token are dropped)")
+    g.add_argument("--prompt-template", default="data/alpaca_sft.prompt",
+                   help="document template with {instruction} and {response}")
+    add_deprecated_alias(g, "--template", "--prompt-template")
+    g.add_argument("--max-seq-len", type=int, default=512,
+                   help="tokens per packed row (every row has exactly this many)")
+    add_deprecated_alias(g, "--seq-length", "--max-seq-len", type=int)
+    g.add_argument("--mask-prompt", action="store_true",
+                   help="no loss on prompt tokens (rows with no response token are dropped)")
     g.add_argument("--packing", choices=["concat", "doc"], default="concat",
-                   help="concat = plain causal attention over the row (the reference); doc = attention and positions restart at each document")
-    g.add_argument("--cache-dir", default="", help="tokenization cache folder (default: next to the data file)")
+                   help="concat = causal attention over the whole row (the reference); doc = per document (see above)")
+    g.add_argument("--cache-dir", default="", help="tokenization cache folder ('' = next to the data file)")
     g = p.add_argument_group("optimization")
     g.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward per rank")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=8, help="micro-batches per optimizer step per rank")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=8,
+                   help="micro-batches per optimizer step per rank")
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=2e-6, help="final learning rate of the cosine decay")
+    g.add_argument("--min-lr", type=float, default=2e-6, help="final learning rate of cosine and linear (absolute)")
     g.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
-    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="cosine")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="cosine",
+                   help="after warmup: flat, or decay to --min-lr at the last step")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (0 = none)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = no clipping)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the packed rows (-1 = use --max-steps)")
     g.add_argument("--max-steps", type=int, default=-1, help="optimizer steps when --epochs is -1")
     g.add_argument("--precision", choices=["auto", "fp32", "mixed", "bf16"], default="auto",
-                   help="auto = mixed on CUDA, fp32 on CPU; mixed = fp32 master weights + bf16 compute; bf16 = pure bf16 weights (AdamW updates below bf16 resolution round away)")
+                   help="auto = mixed on CUDA, fp32 on CPU; mixed = fp32 master weights + bf16 compute (see above)")
     add_speed_flags(g)
     g = p.add_argument_group("run")
-    g.add_argument("--eval-every", type=int, default=200, help="steps between test-loss evals (also at step 0 and the end; -1 = never)")
+    g.add_argument("--eval-every", type=int, default=200,
+                   help="steps between test-loss evals (also at step 0 and the end; -1 = never)")
     g.add_argument("--eval-max-rows", type=int, default=512, help="test rows per eval (-1 = all)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of row order and model init (tiny)")
     g.add_argument("--run-name", default="", help="default: instruct_<model>_<mask|nomask>_<timestamp>")
     add_run_flags(g)
     return parse_with_presets(p, PRESETS, argv)
@@ -82,48 +99,36 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--max-steps must be >= 1 when --epochs is -1")
     if args.resume and not args.run_name:
         raise SystemExit("--resume needs --run-name (the run folder to continue)")
-    if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.seq_length < 2:
-        raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1, --seq-length >= 2")
-    for flag in ("train_file", "test_file", "template"):
+    if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.max_seq_len < 2:
+        raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1, --max-seq-len >= 2")
+    for flag in ("train_file", "test_file", "prompt_template"):
         if not Path(getattr(args, flag)).exists():
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: file not found "
                              "(download: python play-scripts/data-scripts/download_data.py --only sft-instruct)")
-
-
-def evaluate_loss(model, dataset, args, info, precision) -> dict:
-    """Teacher-forced loss on the test rows, split evenly over ranks (every rank runs the same number of forwards)."""
-    from utils.distributed import all_reduce_sum
-    from utils.packing import rows_to_batch
-    from utils.training import teacher_forced_eval
-
-    n = len(dataset) if args.eval_max_rows < 0 else min(len(dataset), args.eval_max_rows)
-    n -= n % info.world_size
-    rows = list(range(info.rank, n, info.world_size))
-    batches = (rows_to_batch(dataset, rows[i : i + args.micro_batch_size], args.packing, args.attention)
-               for i in range(0, len(rows), args.micro_batch_size))
-    out = teacher_forced_eval(model, batches, precision, args.chunk_size)
-    nll, ent, tokens = all_reduce_sum([out["nll_sum"], out["entropy_sum"], out["response_tokens"]], info)
-    return {"eval/test_loss": nll / max(1, tokens), "eval/test_token_entropy": ent / max(1, tokens), "eval/test_tokens": tokens}
 
 
 def main(args: argparse.Namespace) -> dict:
     import torch
 
     from utils import distributed as D
-    from utils.dataloader import ExampleStream
+    from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+    from utils.data_order import ExampleStream
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
     from utils.packing import rows_to_batch
     from utils.metrics_logger import MetricsLogger, format_step_line
-    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, MFU_FORMULA, attention_width, gpu_step_metrics, matmul_parameters, step_flop_counts, training_flops, latest_checkpoint, load_checkpoint, load_policy,
-                                lr_at_step, model_dtype_for, resolve_precision, save_checkpoint, train_step)
+    from utils.model_setup import compile_decoder_layers, load_policy
+    from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, evaluate_loss,
+                                gpu_step_metrics, lr_at_step, matmul_parameters, model_dtype_for, resolve_precision,
+                                step_flop_counts, train_step, training_flops)
 
     check_args(args)
     info = D.init_distributed(pick_device(args.device))
     device = info.device
     precision = resolve_precision(args.precision, device)
-    check_speed_flags(args, device)
-    run_name = args.run_name or f"instruct_{Path(args.model).name}_{'mask' if args.mask_prompt else 'nomask'}_{time.strftime('%Y%m%d_%H%M%S')}"
+    check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
+    mask = "mask" if args.mask_prompt else "nomask"
+    run_name = args.run_name or f"instruct_{Path(args.model).name}_{mask}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = Path(args.output_dir) / run_name
     if info.is_main:
         check_writable_dir(run_dir, "--output-dir")
@@ -143,8 +148,8 @@ def main(args: argparse.Namespace) -> dict:
     model, tokenizer, model_path = load_policy(args.model, run_dir, "llama", texts, model_dtype_for(precision), device,
                                                args.seed, args.gradient_checkpointing, attention=args.attention,
                                                liger=args.liger)
-    template = load_prompt(args.template)
-    ds_kwargs = dict(seq_length=args.seq_length, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
+    template = load_prompt(args.prompt_template)
+    ds_kwargs = dict(seq_length=args.max_seq_len, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
                      cache_dir=args.cache_dir or None)
     # Rank 0 tokenizes (and caches) first; the other ranks then read its cache instead of repeating the work.
     for turn in ((True, False) if info.enabled else (True,)):
@@ -156,7 +161,7 @@ def main(args: argparse.Namespace) -> dict:
     steps = math.ceil(args.epochs * len(train_ds) / rows_per_step) if args.epochs > 0 else args.max_steps
     say(f"train: {train_ds.summary()}\ntest: {test_ds.summary()}")
     say(f"rows/step = {args.micro_batch_size} x {args.gradient_accumulation_steps} x {info.world_size} ranks = "
-        f"{rows_per_step} ({rows_per_step * args.seq_length} tokens); {steps} steps; packing {args.packing}; "
+        f"{rows_per_step} ({rows_per_step * args.max_seq_len} tokens); {steps} steps; packing {args.packing}; "
         f"precision {precision} on {device}")
 
     # MFU inputs (utils.training.MFU_FORMULA), read before any FSDP sharding or compile wrapping hides them
@@ -173,9 +178,12 @@ def main(args: argparse.Namespace) -> dict:
     if resume_from is not None:
         start_step = load_checkpoint(resume_from, model, optimizer, info)["step"]
         say(f"resumed from {resume_from} at step {start_step}")
-    config = dict(vars(args), run_dir=str(run_dir), resolved_model=str(model_path), device=device, world_size=info.world_size,
-                  resolved_precision=precision, total_steps=steps, train_rows=len(train_ds), test_rows=len(test_ds))
-    logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None) if info.is_main else None
+    config = dict(vars(args), run_dir=str(run_dir), resolved_model=str(model_path), device=device,
+                  world_size=info.world_size, resolved_precision=precision, total_steps=steps, train_rows=len(train_ds),
+                  test_rows=len(test_ds))
+    logger = None
+    if info.is_main:
+        logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None)
     if logger is not None and resume_from is not None:
         logger.truncate_after(start_step)
 
@@ -183,9 +191,14 @@ def main(args: argparse.Namespace) -> dict:
         if logger is not None:
             logger.log(metrics, step)
 
+    def test_batch(rows):
+        return rows_to_batch(test_ds, rows, args.packing, args.attention)
+
     def run_eval(step):
-        m = evaluate_loss(model, test_ds, args, info, precision)
-        say(f"eval step {step:05d} | test loss {m['eval/test_loss']:.4f} | {int(m['eval/test_tokens'])} tokens", flush=True)
+        m = evaluate_loss(model, len(test_ds), test_batch, args.micro_batch_size, info, precision, args.chunk_size,
+                          args.eval_max_rows)
+        say(f"eval step {step:05d} | test loss {m['eval/test_loss']:.4f} | {int(m['eval/test_tokens'])} tokens",
+            flush=True)
         log(m, step)
         return m
 
@@ -207,7 +220,8 @@ def main(args: argparse.Namespace) -> dict:
     last_good = resume_from
     try:
         for step in range(start_step + 1, steps + 1):
-            rows = stream.indices((step - 1) * rows_per_step, rows_per_step)[info.rank * local_rows : (info.rank + 1) * local_rows]
+            step_rows = stream.indices((step - 1) * rows_per_step, rows_per_step)
+            rows = step_rows[info.rank * local_rows : (info.rank + 1) * local_rows]
             micro = [rows_to_batch(train_ds, rows[i : i + args.micro_batch_size], args.packing, args.attention)
                      for i in range(0, local_rows, args.micro_batch_size)]
             lr = lr_at_step(step - 1, args.lr, args.lr_schedule, steps, int(args.warmup_ratio * steps), args.min_lr)

@@ -10,18 +10,28 @@ Smoke run of the real pipeline on the demo data:
 
 Each run writes results/<run>/config.json (before step 0), metrics.jsonl (train/* per step, eval/* per eval),
 samples/step_XXXXX.jsonl (fixed example generations) and checkpoints/step_XXXXXX (HF folders vLLM loads).
+
+Flags in more detail:
+  --loss-normalization  per_example: mean over each example's response tokens, then over examples (the reference's
+                        best runs); constant: sum / --normalize-constant; step_tokens: mean over all response tokens
+                        of the step.
+  --precision           mixed = fp32 master weights + bf16 autocast; bf16 = pure bf16 weights as the reference run
+                        did (AdamW updates smaller than bf16 resolution round away).
+  --packing bfd         each step's examples best-fit packed into rows of --pack-tokens, attention and positions
+                        restarting per example: the same objective without padding; --micro-batch-size and
+                        --gradient-accumulation-steps then only set the examples per step.
+  --min-lr              replaces --min-lr-ratio (still accepted: --min-lr = --lr x ratio).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
-from utils.training import add_run_flags, add_speed_flags, parse_with_presets
+from utils.cli_flags import (add_deprecated_alias, add_run_flags, add_speed_flags, check_speed_flags,
+                             parse_with_presets)
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
@@ -51,52 +61,69 @@ PRESETS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named set of defaults; flags still override")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named set of defaults; flags still override")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF hub id or local folder; 'tiny' = build a tiny Qwen2 + BPE tokenizer from the training texts")
-    g.add_argument("--train-file", default="data/sft-reason/sft_gpt-oss-120b_filtered.jsonl", help="JSONL or JSON array of {problem, reasoning_trace|response, expected_answer}")
-    g.add_argument("--val-file", default="data/sft-reason/val.jsonl", help="JSONL or JSON array of {problem, expected_answer}")
+    g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B",
+                   help="HF hub id or local folder; 'tiny' = a tiny Qwen2 + BPE built from the training texts")
+    g.add_argument("--train-file", default="data/sft-reason/sft_gpt-oss-120b_filtered.jsonl",
+                   help="JSONL or JSON array of {problem, reasoning_trace|response, expected_answer}")
+    g.add_argument("--val-file", default="data/sft-reason/val.jsonl",
+                   help="JSONL or JSON array of {problem, expected_answer}")
     g.add_argument("--prompt-template", default="data/r1_zero.prompt", help="prompt file with a {question} slot")
-    g.add_argument("--num-examples", type=int, default=-1, help="first N training records after a seeded shuffle (-1 = all)")
-    g.add_argument("--max-seq-len", type=int, default=2048, help="drop (and count) examples whose prompt+response exceed this many tokens")
+    g.add_argument("--num-examples", type=int, default=-1,
+                   help="first N training records after a seeded shuffle (-1 = all)")
+    g.add_argument("--max-seq-len", type=int, default=2048,
+                   help="tokens; longer prompt+response examples are dropped and counted")
     g = p.add_argument_group("optimization")
     g.add_argument("--micro-batch-size", type=int, default=2, help="examples per forward/backward")
     g.add_argument("--gradient-accumulation-steps", type=int, default=64, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
+                   help="after warmup: flat, or decay to --min-lr at the last step")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warmup")
-    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr for cosine and linear")
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--min-lr", type=float, default=0.0, help="final learning rate of cosine and linear (absolute)")
+    add_deprecated_alias(g, "--min-lr-ratio", "--min-lr (absolute: --lr x ratio)", dest="min_lr_ratio", type=float)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (0 = none)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = no clipping)")
     g.add_argument("--max-steps", type=int, default=38, help="optimizer steps (ignored when --epochs > 0)")
-    g.add_argument("--epochs", type=float, default=-1, help="train for this many passes over the data (-1 = use --max-steps)")
+    g.add_argument("--epochs", type=float, default=-1,
+                   help="passes over the data; sets the steps (-1 = use --max-steps)")
     g.add_argument("--loss-normalization", choices=["per_example", "constant", "step_tokens"], default="per_example",
-                   help="per_example: mean over each example's response tokens (the reference's best runs); constant: sum / --normalize-constant; step_tokens: mean over all response tokens of the step")
+                   help="how token losses are averaged (see above); per_example = the reference's")
     g.add_argument("--normalize-constant", type=float, default=1.0, help="divisor for --loss-normalization constant")
     g.add_argument("--precision", choices=["auto", "fp32", "mixed", "bf16"], default="auto",
-                   help="auto = mixed on CUDA, fp32 on CPU; mixed = fp32 master weights + bf16 autocast; bf16 = pure bf16 weights as the reference run did (AdamW updates smaller than bf16 resolution round away)")
+                   help="auto = mixed on CUDA, fp32 on CPU; bf16 = pure bf16 weights, the reference (see above)")
     g.add_argument("--packing", choices=["none", "bfd"], default="none",
-                   help="none = padded micro-batches of --micro-batch-size (the reference); bfd = each step's examples best-fit packed into rows of --pack-tokens with attention and positions restarting per example (same objective, no padding; --micro-batch-size/--gradient-accumulation-steps then only set examples/step)")
-    g.add_argument("--pack-tokens", type=int, default=4096, help="token budget of a packed row (>= --max-seq-len)")
+                   help="none = padded micro-batches (the reference); bfd = best-fit packed rows (see above)")
+    g.add_argument("--pack-tokens", type=int, default=4096, help="tokens in a packed row (>= --max-seq-len)")
     add_speed_flags(g)
     g = p.add_argument_group("validation")
-    g.add_argument("--eval-every", type=int, default=10, help="steps between evals (also before step 1 and after the last; -1 = never)")
+    g.add_argument("--eval-every", type=int, default=10,
+                   help="steps between evals (also before step 1 and after the last; -1 = never)")
     g.add_argument("--val-size", type=int, default=1000, help="fixed random subset of the val file (-1 = all)")
     g.add_argument("--val-seed", type=int, default=0, help="seed of the val subset")
-    g.add_argument("--num-samples-logged", type=int, default=20, help="fixed val examples whose generations are saved per eval")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--num-samples-logged", type=int, default=20,
+                   help="fixed val examples whose generations are saved per eval")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     g.add_argument("--max-tokens", type=int, default=1024, help="max generated tokens per answer")
     g.add_argument("--stop", default="</answer>", help="stop string, kept in the output")
-    g.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="generation backend (auto = vLLM when installed)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of GPU memory when colocated")
-    g.add_argument("--vllm-device", default=None, help="vLLM's GPU, e.g. cuda:1 beside a policy on cuda:0 (default: vLLM's own, logical GPU 0)")
-    g.add_argument("--grader-workers", type=int, default=2)
+    g.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto",
+                   help="generation backend (auto = vLLM when installed)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.3,
+                   help="vLLM's share of GPU memory when colocated (0-1)")
+    g.add_argument("--vllm-device", default=None,
+                   help="vLLM's GPU, e.g. cuda:1 beside a policy on cuda:0 (default: logical GPU 0)")
+    g.add_argument("--grader-workers", type=int, default=2, help="grader processes")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=int, default=1337, help="seed of data order, model init (tiny) and sampling")
     g.add_argument("--run-name", default="", help="default: reason_<model>_<n>ex_<timestamp>")
     add_run_flags(g)
-    return parse_with_presets(p, PRESETS, argv)
+    args = parse_with_presets(p, PRESETS, argv)
+    if "min_lr_ratio" in vars(args):  # the deprecated relative spelling, turned into the absolute one
+        args.min_lr = args.lr * vars(args).pop("min_lr_ratio")
+    return args
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -108,30 +135,35 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resume and not args.run_name:
         raise SystemExit("--resume needs --run-name (the run folder to continue)")
     if args.packing == "bfd" and args.pack_tokens < args.max_seq_len:
-        raise SystemExit(f"--pack-tokens {args.pack_tokens} < --max-seq-len {args.max_seq_len}: a kept example would not fit a row")
+        raise SystemExit(f"--pack-tokens {args.pack_tokens} < --max-seq-len {args.max_seq_len}: "
+                         "a kept example would not fit a row")
     if args.loss_normalization != "constant" and args.normalize_constant != 1.0:
         raise SystemExit("--normalize-constant only applies with --loss-normalization constant")
     for f in ("train_file", "val_file", "prompt_template"):
         if not Path(getattr(args, f)).exists():
-            hint = " (download it: python play-scripts/data-scripts/download_data.py)" if "sft-reason" in getattr(args, f) else ""
+            download = " (download it: python play-scripts/data-scripts/download_data.py)"
+            hint = download if "sft-reason" in getattr(args, f) else ""
             raise SystemExit(f"--{f.replace('_', '-')} {getattr(args, f)}: file not found{hint}")
 
 
 def main(args: argparse.Namespace) -> dict:
-    import torch
-
-    from utils.dataloader import (ExampleStream, drop_overlong, format_prompts, load_reason_records, make_micro_batches,
-                                  make_packed_micro_batches, select_examples)
+    from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+    from utils.data_order import ExampleStream
+    from utils.dataloader import drop_overlong, format_prompts, load_reason_records, make_micro_batches, select_examples
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
+    from utils.inference import SamplingConfig
     from utils.metrics_logger import MetricsLogger, format_step_line
+    from utils.model_setup import compile_decoder_layers, load_policy
+    from utils.packing import make_packed_micro_batches
     from utils.reason_validation import ReasonValidator
-    from utils.training import (NonFiniteLossError, build_optimizer, check_speed_flags, compile_decoder_layers, MFU_FORMULA, attention_width, gpu_step_metrics, matmul_parameters, step_flop_counts, training_flops, latest_checkpoint, load_checkpoint, load_policy, lr_at_step,
-                                model_dtype_for, resolve_precision, save_checkpoint, train_step)
+    from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, gpu_step_metrics,
+                                lr_at_step, matmul_parameters, model_dtype_for, resolve_precision, step_flop_counts,
+                                train_step, training_flops)
 
     check_args(args)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    check_speed_flags(args, device)
+    check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
     run_name = args.run_name or f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = check_writable_dir(Path(args.output_dir) / run_name, "--output-dir")
     ckpt_dir = run_dir / "checkpoints"
@@ -147,15 +179,17 @@ def main(args: argparse.Namespace) -> dict:
     prompts, responses = format_prompts(train_records, template), [r["response"] for r in train_records]
 
     # ---- model
-    model, tokenizer, model_path = load_policy(args.model, run_dir, "qwen2", prompts + responses, model_dtype_for(precision),
-                                               device, args.seed, args.gradient_checkpointing, attention=args.attention,
+    model, tokenizer, model_path = load_policy(args.model, run_dir, "qwen2", prompts + responses,
+                                               model_dtype_for(precision), device, args.seed,
+                                               args.gradient_checkpointing, attention=args.attention,
                                                liger=args.liger)
     kept, lengths = drop_overlong(prompts, responses, tokenizer, args.max_seq_len)
     n_dropped = len(prompts) - len(kept)
     prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
     batch = args.micro_batch_size * args.gradient_accumulation_steps
     steps = math.ceil(args.epochs * len(prompts) / batch) if args.epochs > 0 else args.max_steps
-    print(f"data: {len(prompts)} training examples ({n_dropped} dropped: longer than --max-seq-len {args.max_seq_len}), "
+    print(f"data: {len(prompts)} training examples "
+          f"({n_dropped} dropped: longer than --max-seq-len {args.max_seq_len}), "
           f"mean {sum(lengths) / max(1, len(lengths)):.0f} tokens; {len(val_records)} val records")
     print(f"examples/step = {args.micro_batch_size} x {args.gradient_accumulation_steps} = {batch}; {steps} steps "
           f"= {steps * batch / max(1, len(prompts)):.2f} epochs; precision {precision} on {device}")
@@ -171,14 +205,22 @@ def main(args: argparse.Namespace) -> dict:
         start_step = load_checkpoint(resume_from, model, optimizer)["step"]
         print(f"resumed from {resume_from} at step {start_step}")
     config = dict(vars(args), run_dir=str(run_dir), resolved_model=str(model_path), device=device,
-                  resolved_precision=precision, total_steps=steps, train_examples=len(prompts), dropped_overlong=n_dropped)
+                  resolved_precision=precision, total_steps=steps, train_examples=len(prompts),
+                  dropped_overlong=n_dropped)
     logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None)
     if resume_from is not None:
         logger.truncate_after(start_step)
     if args.compile:
         print(f"compile: {compile_decoder_layers(model)} decoder layers (torch.compile, first steps are slow)")
 
-    validator = ReasonValidator(args, model, tokenizer, val_records, template, run_dir, device, precision)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                              stop=[args.stop], include_stop_str_in_output=True, n=1, seed=args.seed)
+    validator = ReasonValidator(model, tokenizer, val_records, template, run_dir, device, precision, sampling,
+                                val_size=args.val_size, val_seed=args.val_seed,
+                                num_samples_logged=args.num_samples_logged, grader_workers=args.grader_workers,
+                                micro_batch_size=args.micro_batch_size, chunk_size=args.chunk_size, engine=args.engine,
+                                engine_seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
+                                max_model_len=args.max_seq_len + args.max_tokens, vllm_device=args.vllm_device)
     if start_step == 0 and args.eval_every > 0:
         validator.run(0, logger)
 
@@ -193,13 +235,14 @@ def main(args: argparse.Namespace) -> dict:
                                                   args.loss_normalization, args.normalize_constant, args.attention)
             else:
                 micro = make_micro_batches(prompts, responses, idx, args.micro_batch_size, tokenizer)
-            lr = lr_at_step(step - 1, args.lr, args.lr_schedule, steps, warmup, args.lr * args.min_lr_ratio)
+            lr = lr_at_step(step - 1, args.lr, args.lr_schedule, steps, warmup, args.min_lr)
             try:
                 stats = train_step(model, optimizer, micro, lr, args.loss_normalization, args.normalize_constant,
                                    args.grad_clip, precision, args.chunk_size,
                                    fused_lm_head=args.fused_lm_head)
             except NonFiniteLossError as e:
-                raise SystemExit(f"step {step}: {e}; stopping. Last good checkpoint: {last_good or 'none (no checkpoint saved yet)'}")
+                raise SystemExit(f"step {step}: {e}; stopping. "
+                                 f"Last good checkpoint: {last_good or 'none (no checkpoint saved yet)'}")
             metrics = {f"train/{k}": v for k, v in stats.items()}
             if device.startswith("cuda"):
                 tokens, pairs = step_flop_counts(micro)
@@ -218,5 +261,5 @@ def main(args: argparse.Namespace) -> dict:
     return {"run_dir": str(run_dir), "history": validator.history, "final_step": steps}
 
 
-if __name__ == "__main__":
-    sys.exit(0 if main(parse_args()) else 1)
+if __name__ == "__main__":  # vLLM's workers re-import this module; the guard keeps them from re-running main
+    main(parse_args())

@@ -66,6 +66,18 @@ def tiny_llama_dir(tmp_path_factory, tiny_llama_tokenizer) -> Path:
     return save_model_and_tokenizer(model, tok, tmp_path_factory.mktemp("tiny_llama"), "llama")
 
 
+@pytest.fixture()
+def model_and_batch(tiny_qwen_dir, tiny_qwen_tokenizer):
+    """A fresh fp32 tiny Qwen2, its tokenizer, and four prompt/output pairs of different lengths."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    prompts = ["What is 12 + 35?", "Write a poem.", "Question: 1,000 + 2,500?", "The sea"]
+    outputs = [" 47 </answer>", " The waves roll in.", " 3,500. The correct answer is B.", " rolls and the gulls cry"]
+    return model, tiny_qwen_tokenizer, prompts, outputs
+
+
 def _package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:

@@ -312,7 +312,8 @@ def test_evaluate_reason_end_to_end_on_the_bundled_sample(tiny_qwen_dir, tmp_pat
     out = tmp_path / "eval"
     argv = ["--model", str(tiny_qwen_dir), "--data", str(SAMPLE_VAL), "--max-tokens", "24", "--n-samples", "2",
             "--engine", "auto", "--max-model-len", "512", "--max-num-seqs", "64",
-            "--enforce-eager", "--chunk-size", "8", "--grader-workers", "1", "--output", str(out), "--no-progress"]  # fmt: skip
+            "--enforce-eager", "--chunk-size", "8", "--grader-workers", "1", "--output-dir", str(out),
+            "--no-progress"]  # fmt: skip
     args = parse_args(argv)
     summary = main(args)
     printed = capsys.readouterr().out
@@ -352,7 +353,7 @@ def test_evaluate_reason_end_to_end_on_the_bundled_sample(tiny_qwen_dir, tmp_pat
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(utils.inference, "make_engine", no_model)
-    with pytest.raises(SystemExit, match=r"--output: .* other settings \(sampling: .*'temperature': 1\.0"):
+    with pytest.raises(SystemExit, match=r"--output-dir: .* other settings \(sampling: .*'temperature': 1\.0"):
         main(parse_args([*argv, "--temperature", "0.7"]))
 
 
@@ -366,9 +367,10 @@ def test_evaluate_reason_greedy_vllm_and_hf_give_the_same_records(tiny_qwen_dir,
         pytest.skip("vLLM is not installed")
     model_dir = diversified_copy(tiny_qwen_dir, tmp_path / "model")
     common = ["--model", str(model_dir), "--data", str(SAMPLE_VAL), "--max-examples", "6", "--temperature", "0",
-              "--max-tokens", "24", "--max-model-len", "512", "--enforce-eager", "--grader-workers", "1", "--no-progress"]  # fmt: skip
-    main(parse_args([*common, "--engine", "vllm", "--output", str(tmp_path / "vllm")]))
-    main(parse_args([*common, "--engine", "hf", "--output", str(tmp_path / "hf")]))
+              "--max-tokens", "24", "--max-model-len", "512", "--enforce-eager", "--grader-workers", "1",
+              "--no-progress"]  # fmt: skip
+    main(parse_args([*common, "--engine", "vllm", "--output-dir", str(tmp_path / "vllm")]))
+    main(parse_args([*common, "--engine", "hf", "--output-dir", str(tmp_path / "hf")]))
     v, h = read_records(tmp_path / "vllm" / "records.jsonl"), read_records(tmp_path / "hf" / "records.jsonl")
     assert len(v) == 6 and v == h
     assert len({r["response"] for r in v}) == 6
@@ -378,7 +380,8 @@ def test_evaluate_reason_greedy_vllm_and_hf_give_the_same_records(tiny_qwen_dir,
     "extra, message",
     [
         (["--n-samples", "4", "--temperature", "0"], "--n-samples 4 with --temperature 0"),
-        (["--data", "data/sft-reason/missing.jsonl"], r"missing\.jsonl: file not found \(download it: python play-scripts"),
+        (["--data", "data/sft-reason/missing.jsonl"],
+         r"missing\.jsonl: file not found \(download it: python play-scripts"),
         (["--chunk-size", "0"], "--chunk-size 0"),
         (["--top-p", "0"], "--top-p 0"),
     ],
@@ -387,7 +390,7 @@ def test_evaluate_reason_rejects_bad_flags_before_loading_a_model(tmp_path, extr
     from evaluate_reason import main, parse_args
 
     args = parse_args(["--model", str(tmp_path / "no-such-model"), "--data", str(SAMPLE_VAL),
-                       "--output", str(tmp_path / "out"), *extra])  # fmt: skip
+                       "--output-dir", str(tmp_path / "out"), *extra])  # fmt: skip
     with pytest.raises(SystemExit, match=message):
         main(args)
     assert not (tmp_path / "out").exists()
@@ -397,7 +400,8 @@ def test_evaluate_reason_bad_record_stops_before_loading_a_model(tmp_path):
     from evaluate_reason import main, parse_args
 
     data = _write_jsonl(tmp_path / "val.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b"}])
-    args = parse_args(["--model", str(tmp_path / "no-such-model"), "--data", str(data), "--output", str(tmp_path / "o")])
+    args = parse_args(["--model", str(tmp_path / "no-such-model"), "--data", str(data),
+                       "--output-dir", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match=r"val\.jsonl:2: missing key 'expected_answer'"):
         main(args)
 
@@ -408,6 +412,7 @@ def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
     args = parse_args(["--config", str(REPO_ROOT / "data" / "eval_configs" / "math.yaml"), "--temperature", "0"])
     assert args.temperature == 0.0 and args.max_tokens == 1024 and args.stop == ["</answer>"]
     assert args.data == "data/sft-reason/val.jsonl" and args.include_stop_str is True
+    assert args.prompt_template == "data/r1_zero.prompt"
     bad = tmp_path / "bad.yaml"
     bad.write_text("benchmark: math\ntemprature: 0.5\n")
     with pytest.raises(SystemExit, match=r"unknown keys \['temprature'\]"):

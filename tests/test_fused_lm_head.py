@@ -5,9 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from utils.dataloader import make_micro_batches, make_packed_micro_batches
+from utils.dataloader import make_micro_batches
 from utils.doc_attention import set_attention_backend
 from utils.fused_lm_head import fused_weighted_nll
+from utils.packing import make_packed_micro_batches
 from utils.post_train import (compute_entropy, microbatch_token_weights, sft_microbatch_train_step,
                               tokenize_prompt_and_output)
 from utils.training import train_step

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import free_port
 
 import train_sft_instruct as T
@@ -21,7 +22,18 @@ def _rows(run_dir: Path, prefix: str) -> dict[int, dict]:
 
 
 def _args(tmp_path, *extra):
-    return T.parse_args(["--preset", "demo", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *extra])
+    return T.parse_args(["--preset", "demo", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+                         *extra])
+
+
+def _changed_from_base(run_dir: Path, checkpoint: Path) -> dict[str, bool]:
+    """For every tensor of the tiny base model: did the checkpoint change it? (Same names and shapes asserted.)"""
+    from safetensors.torch import load_file
+
+    base, saved = load_file(run_dir / "base_model" / "model.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert saved.keys() == base.keys()
+    assert all(saved[k].shape == base[k].shape for k in base)
+    return {k: not torch.equal(saved[k], base[k]) for k in base}
 
 
 def test_short_run_lowers_test_loss_and_writes_config(tmp_path):
@@ -32,7 +44,11 @@ def test_short_run_lowers_test_loss_and_writes_config(tmp_path):
     assert evals[30]["eval/test_loss"] < evals[0]["eval/test_loss"] - 1.0
     config = json.loads((run / "config.json").read_text())
     assert config["total_steps"] == 30 and config["packing"] == "concat"
-    assert (run / "checkpoints" / "step_000030" / "model.safetensors").exists()
+    ckpt = run / "checkpoints" / "step_000030"
+    assert (run / "checkpoints" / "latest").resolve() == ckpt.resolve()
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["trainer_state"] == {"step": 30}
+    changed = _changed_from_base(run, ckpt)
+    assert all(changed.values()), [k for k, c in changed.items() if not c]  # the trained weights were saved
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path):
@@ -72,10 +88,22 @@ def test_fsdp_two_gloo_processes_match_one_process(tmp_path, lm_head):
         assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-4)
     ea, eb = _rows(Path(single["run_dir"]), "eval/"), _rows(tmp_path / "fsdp", "eval/")
     assert eb[3]["eval/test_loss"] == pytest.approx(ea[3]["eval/test_loss"], abs=1e-5)
-    # the consolidated checkpoint written by rank 0 loads as a plain HF model
+    # the consolidated checkpoint written by rank 0 loads as a plain HF model: every weight full-size (no shards),
+    # trained, and the same weights as the one-process run's up to float noise (small against what training moved)
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "checkpoints" / "step_000003")
+    fsdp_ckpt = tmp_path / "fsdp" / "checkpoints" / "step_000003"
+    single_ckpt = Path(single["run_dir"]) / "checkpoints" / "step_000003"
+    model, info = AutoModelForCausalLM.from_pretrained(fsdp_ckpt, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert any(_changed_from_base(tmp_path / "fsdp", fsdp_ckpt).values())
+    fsdp_sd, single_sd = load_file(fsdp_ckpt / "model.safetensors"), load_file(single_ckpt / "model.safetensors")
+    base_sd = load_file(tmp_path / "fsdp" / "base_model" / "model.safetensors")
+    torch.testing.assert_close(model.get_input_embeddings().weight, fsdp_sd["model.embed_tokens.weight"])
+    gap = torch.cat([(fsdp_sd[k] - single_sd[k]).flatten() for k in base_sd]).norm()
+    moved = torch.cat([(single_sd[k] - base_sd[k]).flatten() for k in base_sd]).norm()
+    assert gap < 0.01 * moved, (gap, moved)
 
 
 def test_missing_data_file_fails_before_model_load(tmp_path):

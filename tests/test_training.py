@@ -1,4 +1,4 @@
-"""The shared training step, schedules and checkpoints."""
+"""The shared training step, teacher-forced evaluation, schedules and MFU accounting."""
 
 import math
 
@@ -7,15 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from utils.post_train import tokenize_prompt_and_output
-from utils.training import (
-    NonFiniteLossError,
-    build_optimizer,
-    latest_checkpoint,
-    load_checkpoint,
-    lr_at_step,
-    save_checkpoint,
-    train_step,
-)
+from utils.training import (NonFiniteLossError, build_optimizer, evaluate_loss, lr_at_step, teacher_forced_eval,
+                            train_step)
 
 
 def test_lr_schedules_at_known_steps():
@@ -32,15 +25,6 @@ def test_lr_schedules_at_known_steps():
     assert lr_at_step(5, 1.0, "linear", 11, 0, 0.0) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="schedule"):
         lr_at_step(0, 1.0, "step", 10)
-
-
-@pytest.fixture()
-def model_and_batch(tiny_qwen_dir, tiny_qwen_tokenizer):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
-    prompts = ["What is 12 + 35?", "Write a poem.", "Question: 1,000 + 2,500?", "The sea"]
-    outputs = [" 47 </answer>", " The waves roll in.", " 3,500. The correct answer is B.", " rolls and the gulls cry"]
-    return model, tiny_qwen_tokenizer, prompts, outputs
 
 
 def test_train_step_lowers_loss_and_changes_every_parameter(model_and_batch):
@@ -77,6 +61,26 @@ def test_gradient_accumulation_matches_one_big_batch(model_and_batch, tiny_qwen_
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_evaluate_loss_takes_the_first_rows_in_micro_batches_and_equals_one_big_batch(model_and_batch):
+    """The instruction trainer's test loss: `max_rows` rows, `micro_batch_size` at a time, the same per-token mean
+    and entropy as one teacher-forced pass over those rows (padding never counts)."""
+    from utils.distributed import DistInfo
+
+    model, tok, prompts, outputs = model_and_batch
+    asked = []
+
+    def make_batch(rows):
+        asked.append(rows)
+        return tokenize_prompt_and_output([prompts[i] for i in rows], [outputs[i] for i in rows], tok)
+
+    got = evaluate_loss(model, len(prompts), make_batch, 2, DistInfo(), max_rows=3)
+    assert asked == [[0, 1], [2]]
+    ref = teacher_forced_eval(model, [tokenize_prompt_and_output(prompts[:3], outputs[:3], tok)])
+    assert got["eval/test_tokens"] == ref["response_tokens"] > 0
+    assert got["eval/test_loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert got["eval/test_token_entropy"] == pytest.approx(ref["token_entropy"], rel=1e-5)
+
+
 def test_non_finite_loss_raises_and_leaves_weights(model_and_batch):
     model, tok, prompts, outputs = model_and_batch
     opt = build_optimizer(model, 1e-2, 0.0)
@@ -89,50 +93,13 @@ def test_non_finite_loss_raises_and_leaves_weights(model_and_batch):
         torch.testing.assert_close(p, before[n], equal_nan=True)
 
 
-def test_checkpoint_roundtrip_and_interrupted_save(model_and_batch, tmp_path, tiny_qwen_dir, monkeypatch):
-    model, tok, prompts, outputs = model_and_batch
-    opt = build_optimizer(model, 1e-2, 0.0)
-    mb = tokenize_prompt_and_output(prompts, outputs, tok)
-    train_step(model, opt, [mb], 1e-2)
-    first = save_checkpoint(tmp_path, 1, model, tok, opt, {"step": 1}, keep_last=2)
-    assert latest_checkpoint(tmp_path) == first
-    assert (tmp_path / "latest").is_symlink() and (tmp_path / "latest").resolve() == first.resolve()
-    AutoModelForCausalLM.from_pretrained(tmp_path / "latest")  # the link is a model path for HF/vLLM/eval scripts
-    train_step(model, opt, [mb], 1e-2)
-
-    # a crash inside the save (here: writing trainer_state.pt) must leave step 1 as the usable latest
-    def boom(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, model, tok, opt, {"step": 2})
-    monkeypatch.undo()
-    assert latest_checkpoint(tmp_path) == first
-    assert not (tmp_path / "step_000002").exists()
-
-    # restore step 1 into a fresh model: weights and optimizer state match what was saved
-    fresh = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
-    fresh_opt = build_optimizer(fresh, 1e-2, 0.0)
-    state = load_checkpoint(first, fresh, fresh_opt)
-    assert state == {"step": 1}
-    saved = AutoModelForCausalLM.from_pretrained(first, dtype=torch.float32)
-    for (n, p), q in zip(fresh.named_parameters(), saved.parameters()):
-        torch.testing.assert_close(p, q, atol=0, rtol=0, msg=n)
-    assert fresh_opt.state_dict()["state"][0]["step"].item() == 1
-
-    # keep_last prunes older complete checkpoints
-    for s in (3, 4, 5):
-        save_checkpoint(tmp_path, s, model, tok, opt, {"step": s}, keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000004", "step_000005"]
-
-
 @pytest.mark.parametrize("attention", ["varlen", "sdpa"])
 @pytest.mark.parametrize("normalization", ["per_example", "step_tokens", "constant"])
 def test_packed_step_equals_padded_step(model_and_batch, tiny_qwen_dir, normalization, attention):
     """Best-fit packed rows, attention kept inside examples (varlen boundaries or a block mask) and step-level
     weights give the padded path's update exactly."""
-    from utils.dataloader import make_micro_batches, make_packed_micro_batches
+    from utils.dataloader import make_micro_batches
+    from utils.packing import make_packed_micro_batches
     from utils.doc_attention import set_attention_backend
 
     model, tok, prompts, outputs = model_and_batch
@@ -155,39 +122,6 @@ def test_packed_step_equals_padded_step(model_and_batch, tiny_qwen_dir, normaliz
     assert b["nll_per_token"] == pytest.approx(a["nll_per_token"], rel=1e-5)
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4, msg=n)
-
-
-def test_compiled_decoder_layers_match_eager_on_packed_chunked_rows(tiny_qwen_dir):
-    """--compile compiles each decoder layer in place: the chunked path (which calls the decoder directly) runs the
-    compiled layers, results match eager, and state-dict keys keep their names (checkpoints, vLLM weight sync)."""
-    import torch._dynamo
-
-    from utils.doc_attention import packed_model_inputs, set_attention_backend
-    from utils.post_train import get_response_log_probs
-    from utils.training import compile_decoder_layers
-
-    g = torch.Generator().manual_seed(0)
-    ids, labels = torch.randint(0, 500, (1, 24), generator=g), torch.randint(0, 500, (1, 24), generator=g)
-    doc = torch.tensor([[0] * 10 + [1] * 8 + [2] * 6])
-    pos = torch.cat([torch.arange(10), torch.arange(8), torch.arange(6)])[None]
-    extra = packed_model_inputs(pos, doc, "varlen")
-    results = []
-    for compiled in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
-        set_attention_backend(model, "varlen", "cpu")
-        keys = list(model.state_dict())
-        if compiled:
-            torch._dynamo.reset()
-            torch._dynamo.utils.counters.clear()
-            assert compile_decoder_layers(model) == 2
-        lp = get_response_log_probs(model, ids, labels, chunk_size=8, **extra)["log_probs"]
-        lp.sum().backward()
-        results.append((lp.detach(), {n: p.grad for n, p in model.named_parameters()}))
-        assert list(model.state_dict()) == keys
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the layers really went through dynamo
-    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------- MFU

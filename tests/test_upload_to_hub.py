@@ -16,7 +16,7 @@ upload = load_script("play-scripts/upload_to_hub.py")
 def run(tmp_path, tiny_qwen_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.training import save_checkpoint
+    from utils.checkpoints import save_checkpoint
 
     run_dir = tmp_path / "results" / "demo"
     run_dir.mkdir(parents=True)

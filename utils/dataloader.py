@@ -11,9 +11,7 @@ from pathlib import Path
 
 import torch
 
-from utils.data_order import ExampleStream  # noqa: F401  (moved to utils/data_order.py; re-exported)
 from utils.helper_fns import load_records
-from utils.packing import make_packed_micro_batches, pack_examples  # noqa: F401  (moved to utils/packing.py; re-exported)
 from utils.post_train import tokenize_prompt_and_output
 
 KEY_ALIASES = {

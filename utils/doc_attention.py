@@ -22,8 +22,6 @@ import inspect
 
 import torch
 
-# The inputs of packed micro-batches are built in utils/packing.py (re-exported: they were first defined here).
-from utils.packing import cu_seqlens_from_document_ids, cu_seqlens_from_position_ids, packed_model_inputs  # noqa: F401
 
 ATTENTION_BACKENDS = ("varlen", "sdpa", "flex")
 VARLEN_IMPLEMENTATION = "sft_varlen"  # the names registered with transformers' AttentionInterface

@@ -25,8 +25,6 @@ vLLM runs in-process (one engine per process at a time: closing one tears down v
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 # The interface and both backends, re-exported: `from utils.inference import init_vllm, ...` is the import to use.
@@ -39,18 +37,6 @@ from utils.vllm_engine import (VLLMEngine, _import_vllm, check_vllm_matches_poli
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Factory
-
-
-def add_engine_flags(group) -> None:
-    """The engine flags both evaluation scripts take; their values go to `make_engine` unchanged."""
-    group.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="auto = vLLM when importable, else HF transformers")
-    group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto = the checkpoint's dtype")
-    group.add_argument("--device", default=None, help="cuda:N to pick a GPU (default: cuda:0 if available, else cpu)")
-    group.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory")
-    group.add_argument("--max-model-len", type=int, default=-1, help="prompt + generation tokens (-1 = the model's context length)")
-    group.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded concurrently (HF: batch size)")
-    group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
-                       help="vLLM without CUDA graphs / compile warm-up (faster start, slower decode)")
 
 
 def _vllm_importable() -> tuple[bool, str]:

@@ -17,26 +17,44 @@ class ReasonValidator:
     writes `samples/step_XXXXX.jsonl` for a fixed set of examples.
     """
 
-    def __init__(self, args, policy, tokenizer, val_records, template, run_dir: Path, device, precision):
-        from utils.benchmarks.math import MathBenchmark
-        from utils.inference import SamplingConfig
+    def __init__(self, policy, tokenizer, val_records: list[dict], template: str, run_dir: Path, device: str,
+                 precision: str, sampling, *, val_size: int = -1, val_seed: int = 0, num_samples_logged: int = 20,
+                 grader_workers: int = 2, micro_batch_size: int = 2, chunk_size: int = 0, engine: str = "auto",
+                 engine_seed: int = 0, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
+                 vllm_device: str | None = None):
+        """Fix the val subset, its prompts and the grader; the engine starts at the first `run`.
 
-        self.args, self.policy, self.tokenizer = args, policy, tokenizer
+        Args:
+            policy, tokenizer: the model being trained (validated in place, never copied) and its tokenizer.
+            val_records: `{problem, expected_answer}` dicts, `response` optional (teacher-forced loss on those).
+            template: the prompt with a `{question}` slot; run_dir: samples go to `<run_dir>/samples/`.
+            device, precision: the policy's device and resolved precision (`utils.training.resolve_precision`).
+            sampling: `utils.inference.SamplingConfig` of every eval (one sample per problem).
+            val_size, val_seed: a fixed random subset of `val_records` (-1 = all), drawn once with this seed.
+            num_samples_logged: the first N problems of the subset whose generations are saved at each eval.
+            grader_workers: processes of the math grader.
+            micro_batch_size, chunk_size: batching and lm-head chunking of the teacher-forced loss.
+            engine, engine_seed, gpu_memory_utilization, max_model_len, vllm_device: `utils.inference.make_engine`'s
+                `engine`, `seed`, `gpu_memory_utilization`, `max_model_len` (None = the model's) and `device`.
+        """
+        from utils.benchmarks.math import MathBenchmark
+
+        self.policy, self.tokenizer = policy, tokenizer
         self.device, self.precision = device, precision
+        self.micro_batch_size, self.chunk_size = micro_batch_size, chunk_size
+        self.engine_settings = dict(engine=engine, seed=engine_seed, gpu_memory_utilization=gpu_memory_utilization,
+                                    max_model_len=max_model_len, device=vllm_device)
         self.samples_dir = Path(run_dir) / "samples"
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         order = list(range(len(val_records)))
-        random.Random(args.val_seed).shuffle(order)
-        if args.val_size >= 0:
-            order = sorted(order[: args.val_size])
+        random.Random(val_seed).shuffle(order)
+        if val_size >= 0:
+            order = sorted(order[:val_size])
         self.records = [val_records[i] for i in order]
-        self.sample_ids = list(range(min(args.num_samples_logged, len(self.records))))
-        self.benchmark = MathBenchmark(prompt_template=template, grader_workers=args.grader_workers)
+        self.sample_ids = list(range(min(num_samples_logged, len(self.records))))
+        self.benchmark = MathBenchmark(prompt_template=template, grader_workers=grader_workers)
         self.prompts = [self.benchmark.build_prompt(r) for r in self.records]
-        self.sampling = SamplingConfig(
-            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, stop=[args.stop],
-            include_stop_str_in_output=True, n=1, seed=args.seed,
-        )  # fmt: skip
+        self.sampling = sampling
         self.reference = [r for r in self.records if r.get("response")]
         if not self.reference:
             print("validation: the val records carry no reference responses; teacher-forced val loss is not logged")
@@ -48,16 +66,9 @@ class ReasonValidator:
             from utils.inference import make_engine
 
             # vLLM loads the policy's folder, then receives its current weights; HF generates with the live policy.
-            self._engine = make_engine(
-                self.policy,
-                engine=self.args.engine,
-                tokenizer=self.tokenizer,
-                seed=self.args.seed,
-                dtype="float32" if self.precision == "fp32" else "bfloat16",
-                gpu_memory_utilization=self.args.gpu_memory_utilization,
-                max_model_len=self.args.max_seq_len + self.args.max_tokens,
-                device=self.args.vllm_device,
-            )
+            self._engine = make_engine(self.policy, tokenizer=self.tokenizer,
+                                       dtype="float32" if self.precision == "fp32" else "bfloat16",
+                                       **self.engine_settings)  # fmt: skip
         return self._engine
 
     def run(self, step: int, logger) -> dict:
@@ -74,9 +85,9 @@ class ReasonValidator:
         if self.reference:
             prompts = [p for p, r in zip(self.prompts, self.records) if r.get("response")]
             responses = [r["response"] for r in self.reference]
-            batches = make_micro_batches(prompts, responses, list(range(len(prompts))), self.args.micro_batch_size,
+            batches = make_micro_batches(prompts, responses, list(range(len(prompts))), self.micro_batch_size,
                                          self.tokenizer)  # fmt: skip
-            tf = teacher_forced_eval(self.policy, batches, self.precision, self.args.chunk_size)
+            tf = teacher_forced_eval(self.policy, batches, self.precision, self.chunk_size)
             metrics["eval/teacher_forced_loss"] = tf["loss"]
             metrics["eval/teacher_forced_token_entropy"] = tf["token_entropy"]
         logger.log(metrics, step)
@@ -99,8 +110,8 @@ class ReasonValidator:
         print("\nstep  | accuracy | format | teacher-forced loss")
         for h in self.history:
             tf = h.get("teacher_forced_loss")
-            print(f"{h['step']:5d} | {h.get('accuracy', float('nan')):8.3f} | {h.get('format_accuracy', float('nan')):6.3f} | "
-                  + (f"{tf:.4f}" if tf is not None else "-"))
+            acc, fmt = h.get("accuracy", float("nan")), h.get("format_accuracy", float("nan"))
+            print(f"{h['step']:5d} | {acc:8.3f} | {fmt:6.3f} | " + (f"{tf:.4f}" if tf is not None else "-"))
 
     def close(self) -> None:
         if self._engine is not None and hasattr(self._engine, "close"):

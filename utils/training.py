@@ -1,24 +1,18 @@
-"""The one training step, learning-rate schedules, precision setup and checkpoints; both train scripts use these.
+"""The one training step, teacher-forced evaluation, learning-rate schedules, precision setup and MFU accounting;
+both train scripts use these (checkpoints: `utils.checkpoints`; model loading: `utils.model_setup`).
 
 A step = `len(micro_batches)` forward/backward passes accumulating into `.grad`, one clip, one optimizer update.
-Checkpoints are HF `save_pretrained` folders (vLLM loads them) plus `trainer_state.pt` (optimizer, RNG states,
-step); they are written to a temp folder and renamed, so a crash mid-save never leaves a half checkpoint as latest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
-import shutil
 import time
-from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from utils.doc_attention import set_attention_backend
 from utils.post_train import (LossNormalization, final_hidden_and_head, get_response_log_probs, masked_normalize,
                               microbatch_token_weights, sft_microbatch_train_step, weighted_nll_train_step)
 
@@ -32,48 +26,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a step's loss or gradient norm is NaN/inf; the caller names the last good checkpoint."""
 
 
-# ----------------------------------------------------------------------------------------------------------- flags
-def add_run_flags(group) -> None:
-    """Flags both train scripts share: device, run folder, checkpoints, resume, wandb."""
-    group.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
-    group.add_argument("--output-dir", default="results", help="runs go to <output-dir>/<run-name>")
-    group.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    group.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
-    group.add_argument("--resume", action="store_true", help="continue <output-dir>/<run-name> from its latest checkpoint")
-    group.add_argument("--wandb-project", default="", help="mirror metrics to this wandb project (empty = local only)")
-    group.add_argument("--peak-tflops", type=float, default=989.0,
-                       help="accelerator bf16 dense peak for MFU on CUDA (H100/H200 SXM: 989)")
-
-
-def add_speed_flags(group) -> None:
-    """Flags both train scripts share that change speed and memory, not the objective."""
-    from utils.doc_attention import ATTENTION_BACKENDS
-
-    group.add_argument("--attention", choices=ATTENTION_BACKENDS, default="varlen",
-                       help="attention inside documents of packed rows: varlen = flash varlen kernel on CUDA (one SDPA call per document elsewhere); sdpa = block-diagonal (T, T) mask; flex = FlexAttention (CUDA only)")
-    group.add_argument("--chunk-size", type=int, default=0,
-                       help="tokens per chunk for the lm-head log-softmax (0 = plain; >0 avoids B x T x V fp32 logits)")
-    group.add_argument("--fused-lm-head", action="store_true",
-                       help="with --chunk-size: lm-head gradients computed in the forward pass (3 matmuls a chunk instead of 4; same loss)")
-    group.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    group.add_argument("--liger", action="store_true",
-                       help="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; pip install liger-kernel)")
-
-
-def check_speed_flags(args, device: str) -> None:
-    """Refuse --attention flex and --liger off CUDA (neither has a CPU training path) and --fused-lm-head without
-    --chunk-size, before any model loads."""
-    if args.fused_lm_head and args.chunk_size <= 0:
-        raise SystemExit("--fused-lm-head works chunk by chunk: set --chunk-size (e.g. 4096)")
-    if not device.startswith("cuda"):
-        if args.attention == "flex":
-            raise SystemExit(f"--attention flex needs CUDA (PyTorch has no FlexAttention backward on CPU); device is "
-                             f"{device}: use --attention varlen")
-        if args.liger:
-            raise SystemExit(f"--liger needs CUDA (Liger's kernels are Triton); device is {device}")
-
-
+# ----------------------------------------------------------------------------------------------------------- MFU
 MFU_FORMULA = ("MFU = (6 x matmul parameters x tokens + 12 x layers x attention width x causal query-key pairs) "
                "/ step time / peak FLOP/s; matmul parameters = all but the input embedding (a tied lm head counted "
                "once), tokens and pairs exclude padding, pairs stay inside documents")
@@ -136,13 +89,6 @@ def gpu_step_metrics(flops: float, step_time_s: float, peak_tflops: float, devic
     return {"train/peak_mem_gib": torch.cuda.max_memory_allocated(torch.device(device)) / 2**30,
             "train/mfu": flops / step_time_s / (peak_tflops * 1e12)}
 
-
-def parse_with_presets(parser, presets: dict[str, dict], argv: list[str] | None):
-    """Parse `argv`; a `--preset NAME` first replaces the defaults with the preset's, so explicit flags still win."""
-    pre, _ = parser.parse_known_args(argv)
-    if getattr(pre, "preset", None):
-        parser.set_defaults(**presets[pre.preset])
-    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------------------- precision
@@ -346,7 +292,8 @@ def _fused_microbatch(model, mb, extra, precision, chunk_size, n_step_examples, 
 
 @torch.no_grad()
 def teacher_forced_eval(
-    model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], precision: str = "fp32", chunk_size: int = 0
+    model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], precision: str = "fp32",
+    chunk_size: int = 0,
 ) -> dict[str, float]:
     """Mean -log p and entropy over response tokens of reference data (never the model's own samples).
 
@@ -373,217 +320,24 @@ def teacher_forced_eval(
             "response_tokens": n}
 
 
-# ----------------------------------------------------------------------------------------------------------- model
-def load_policy(
-    model_name: str, run_dir: Path, family: str, texts: list[str], dtype: torch.dtype, device: str, seed: int,
-    gradient_checkpointing: bool = False, build_model: bool = True, attention: str = "varlen", liger: bool = False,
-):
-    """The policy and tokenizer from a hub id or folder; `tiny` builds a fresh tiny model of `family` and a BPE
-    tokenizer trained on `texts` once, saved under `<run_dir>/base_model` (so vLLM and later evals can load it).
+def evaluate_loss(model: torch.nn.Module, n_rows: int, make_batch: Callable[[list[int]], dict], micro_batch_size: int,
+                  dist_info, precision: str = "fp32", chunk_size: int = 0, max_rows: int = -1) -> dict[str, float]:
+    """Teacher-forced loss on the test rows, split evenly over ranks (every rank runs the same number of forwards).
 
-    The model's attention is set to `attention` (see `utils.doc_attention`; packed micro-batches must be built for
-    the same backend) and, with `liger`, Liger's kernels replace its RMSNorm, SwiGLU and RoPE.
+    Rows `0 .. min(n_rows, max_rows) - 1` (`max_rows` -1 = all), cut to a multiple of the world size; rank r takes
+    rows r, r + world, ...; `make_batch(row_indices)` turns `micro_batch_size` of them into a micro-batch for
+    `teacher_forced_eval`. `dist_info` comes from `utils.distributed.init_distributed` (world size 1 = one process).
 
-    Returns (model or None when `build_model` is False, tokenizer, model_path). A tokenizer without a pad token gets
-    its eos as pad (padding never counts in the loss).
+    Returns global (all ranks) `eval/test_loss`, `eval/test_token_entropy` (means over response tokens) and
+    `eval/test_tokens`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from utils.distributed import all_reduce_sum
 
-    model_path: str | Path = model_name
-    if model_name == "tiny":
-        from utils.tiny_models import build_tiny_model, save_model_and_tokenizer, train_tiny_tokenizer
-
-        model_path = Path(run_dir) / "base_model"
-        if not (model_path / "config.json").exists():
-            tok = train_tiny_tokenizer(texts, family=family, vocab_size=1000)
-            tiny = build_tiny_model(family, len(tok), hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                                    tie_word_embeddings=family == "qwen2", eos_token_id=tok.eos_token_id,
-                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, seed=seed)
-            save_model_and_tokenizer(tiny, tok, model_path, family)
-            print(f"built a tiny {family} ({sum(p.numel() for p in tiny.parameters()) / 1e6:.2f}M parameters, "
-                  f"vocab {len(tok)}) in {model_path}")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        print(f"tokenizer has no pad token; padding with eos {tokenizer.eos_token!r} (never counted in the loss)")
-    model = None
-    if build_model:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
-        set_attention_backend(model, attention, device)
-        if liger:
-            apply_liger_kernels(model)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.config.use_cache = False
-    return model, tokenizer, model_path
-
-
-def compile_decoder_layers(model) -> int:
-    """torch.compile each decoder layer in place (`nn.Module.compile`); returns how many.
-
-    Per layer rather than the whole model: all layers share one compiled graph, the loss code around the model
-    (chunked or fused lm head) stays eager, and state-dict keys stay free of `_orig_mod.`. Apply before FSDP
-    sharding, as torchtitan does.
-    """
-    layers = model.get_decoder().layers
-    for layer in layers:
-        layer.compile()
-    return len(layers)
-
-
-def apply_liger_kernels(model) -> None:
-    """Liger's Triton kernels for RMSNorm, SwiGLU and RoPE in a Qwen2 or Llama `model` on CUDA.
-
-    The loss stays ours (plain, chunked or fused log-probs): Liger's fused linear cross-entropy returns neither
-    per-token log-probs nor entropies and has no per-token weights, which per-example normalization needs. Liger
-    swaps functions and classes in transformers' modeling module, so models of the same family built later in this
-    process get its kernels too.
-
-    Raises:
-        SystemExit: liger-kernel not installed, the model not on CUDA, or a model type Liger is not wired for here.
-    """
-    if not next(model.parameters()).is_cuda:
-        raise SystemExit("--liger: Liger's Triton kernels need a CUDA device")
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
-    except ImportError as e:
-        raise SystemExit(f"--liger: liger-kernel does not import ({e}); pip install liger-kernel") from e
-    apply = {"qwen2": apply_liger_kernel_to_qwen2, "llama": apply_liger_kernel_to_llama}.get(model.config.model_type)
-    if apply is None:
-        raise SystemExit(f"--liger: model type {model.config.model_type!r} is not wired up (qwen2, llama)")
-    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
-    print(f"liger: RMSNorm, SwiGLU and RoPE kernels applied to the {model.config.model_type} model")
-
-
-# ----------------------------------------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The underlying module of a `torch.compile`d model (its state-dict keys carry no `_orig_mod.`)."""
-    return getattr(model, "_orig_mod", model)
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def save_checkpoint(
-    ckpt_root: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    tokenizer,
-    optimizer: torch.optim.Optimizer | None,
-    trainer_state: dict,
-    keep_last: int = 2,
-    state_dict: dict | None = None,
-    optimizer_state: dict | None = None,
-) -> Path:
-    """Write `ckpt_root/step_XXXXXX/` atomically and point the `ckpt_root/latest` symlink at it; keep the newest
-    `keep_last`.
-
-    The folder is a complete HF model + tokenizer (loadable by vLLM and `from_pretrained`) plus
-    `trainer_state.pt` with the optimizer state, RNG states and `trainer_state` (step, data position, ...).
-    Under FSDP, rank 0 passes the consolidated `state_dict` and `optimizer_state` (see `utils.distributed`).
-    """
-    root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if optimizer_state is None and optimizer is not None:
-        optimizer_state = optimizer.state_dict()
-    torch.save(
-        {
-            "optimizer": optimizer_state,
-            "rng": rng_state(),
-            "trainer_state": trainer_state,
-        },
-        tmp / "trainer_state.pt",
-    )
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    # `latest` is a relative symlink, so `--model <run>/checkpoints/latest` works for HF, vLLM and the eval scripts;
-    # replacing a symlink with os.replace is atomic.
-    latest_tmp = root / ".latest.tmp"
-    if latest_tmp.is_symlink() or latest_tmp.exists():
-        latest_tmp.unlink()
-    os.symlink(final.name, latest_tmp)
-    os.replace(latest_tmp, root / "latest")
-    if keep_last > 0:
-        done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").exists())
-        for old in done[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The checkpoint `latest` points to, or else the newest complete `step_*` folder; None if there is none."""
-    root = Path(ckpt_root)
-    pointer = root / "latest"
-    if pointer.is_symlink():
-        cand = root / os.readlink(pointer)
-        if (cand / "trainer_state.pt").exists():
-            return cand
-    done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").exists())
-    return done[-1] if done else None
-
-
-def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dist_info=None
-) -> dict:
-    """Load weights, optimizer state and RNG states from a checkpoint folder; returns its `trainer_state` dict.
-
-    With FSDP (`dist_info.enabled`) every rank reads the consolidated files and loads its shard.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights in checkpoint")
-    state = {}
-    for f in files:
-        state.update(load_file(f))
-    target = unwrap_model(model)
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if dist_info is not None and dist_info.enabled:
-        from utils.distributed import load_full_state
-
-        if getattr(target.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]  # save_pretrained drops the tied copy
-        load_full_state(target, optimizer, state, blob["optimizer"])
-    else:
-        missing, unexpected = target.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if getattr(target.config, "tie_word_embeddings", False) else set()
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
-        if optimizer is not None and blob["optimizer"] is not None:
-            optimizer.load_state_dict(blob["optimizer"])
-    set_rng_state(blob["rng"])
-    return blob["trainer_state"]
+    n = n_rows if max_rows < 0 else min(n_rows, max_rows)
+    n -= n % dist_info.world_size
+    rows = list(range(dist_info.rank, n, dist_info.world_size))
+    batches = (make_batch(rows[i : i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size))
+    out = teacher_forced_eval(model, batches, precision, chunk_size)
+    nll, ent, tokens = all_reduce_sum([out["nll_sum"], out["entropy_sum"], out["response_tokens"]], dist_info)
+    return {"eval/test_loss": nll / max(1, tokens), "eval/test_token_entropy": ent / max(1, tokens),
+            "eval/test_tokens": tokens}

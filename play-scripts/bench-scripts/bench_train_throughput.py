@@ -13,9 +13,10 @@ Our configurations (CONFIGS) map to the trainers' flags: `padded` is the referen
 log-softmax over the full vocabulary); `packed-mask` packs rows of --pack-tokens with a (T, T) block mask;
 `packed` uses varlen attention (`--attention varlen`: flash varlen kernel on CUDA); `+chunked` computes the
 lm-head log-softmax 4,096 tokens at a time (recomputed in backward); `+fused` does the same with the lm-head
-gradients computed in the forward pass (`--fused-lm-head`); `flex` is FlexAttention; `+compile` is torch.compile of each decoder layer;
-`+liger` swaps in Liger's RMSNorm / SwiGLU / RoPE kernels. flex and liger rows need CUDA (skipped with a printed
-reason elsewhere); liger rows run last because Liger patches transformers' modules for the whole process.
+gradients computed in the forward pass (`--fused-lm-head`); `flex` is FlexAttention; `+compile` is torch.compile of
+each decoder layer; `+liger` swaps in Liger's RMSNorm / SwiGLU / RoPE kernels. flex and liger rows need CUDA
+(skipped with a printed reason elsewhere); liger rows run last because Liger patches transformers' modules for the
+whole process.
 
 tokens/s counts real (non-padding) tokens. TFLOP/s = model FLOPs / time, with the trainers' formula
 (`utils.training.MFU_FORMULA`: 6 x matmul parameters per token, input embedding excluded, plus the causal attention
@@ -126,8 +127,9 @@ def fresh_model(shape: dict, precision: str, device: str, attention: str = "sdpa
     import torch
 
     from utils.doc_attention import set_attention_backend
+    from utils.model_setup import apply_liger_kernels
     from utils.tiny_models import build_tiny_model
-    from utils.training import apply_liger_kernels, model_dtype_for
+    from utils.training import model_dtype_for
 
     spec = {k: v for k, v in shape.items() if k not in ("family", "vocab_size")}
     with torch.device(device):  # initializing 1.5B parameters on the CPU takes longer than the benchmark
@@ -142,14 +144,16 @@ def fresh_model(shape: dict, precision: str, device: str, attention: str = "sdpa
 def run_config(name, cfg, args, shape, steps_examples, device):
     import torch
 
+    from utils.model_setup import compile_decoder_layers
     from utils.packing import pack_examples
-    from utils.training import (attention_width, build_optimizer, compile_decoder_layers, matmul_parameters,
-                                resolve_precision, train_step, training_flops)  # fmt: skip
+    from utils.training import (attention_width, build_optimizer, matmul_parameters, resolve_precision, train_step,
+                                training_flops)  # fmt: skip
 
     precision = resolve_precision(args.precision, device)
     model = fresh_model(shape, precision, device, cfg["attention"], cfg.get("liger", False))
     n_params = sum(p.numel() for p in model.parameters())
-    n_matmul, n_layers, attn_width = matmul_parameters(model), model.config.num_hidden_layers, attention_width(model.config)
+    n_matmul, n_layers = matmul_parameters(model), model.config.num_hidden_layers
+    attn_width = attention_width(model.config)
     opt = build_optimizer(model, args.lr, 0.0)
     def batches(exs):
         if cfg["packing"] == "bfd":
@@ -327,7 +331,8 @@ def run_trl_config(name, cfg, args, shape, device):
 
     model = fresh_model(shape, precision, device)
     n_params = sum(p.numel() for p in model.parameters())
-    n_matmul, n_layers, attn_width = matmul_parameters(model), model.config.num_hidden_layers, attention_width(model.config)
+    n_matmul, n_layers = matmul_parameters(model), model.config.num_hidden_layers
+    attn_width = attention_width(model.config)
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(output_dir=tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
                            max_length=args.max_len, pad_to_multiple_of=None, num_train_epochs=1,

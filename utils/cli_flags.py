@@ -1,0 +1,102 @@
+"""Command-line flags the scripts share, and nothing else: only scripts import this module.
+
+Run and speed flags (both train scripts), engine flags (both evaluation scripts), `--preset` defaults, and deprecated
+spellings of renamed flags kept working as hidden aliases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_run_flags(group) -> None:
+    """Flags both train scripts share: device, run folder, checkpoints, resume, wandb."""
+    group.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
+    group.add_argument("--output-dir", default="results", help="runs go to <output-dir>/<run-name>")
+    group.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    group.add_argument("--keep-last", type=int, default=2, help="newest checkpoints kept (0 = all)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue <output-dir>/<run-name> from its latest checkpoint")
+    group.add_argument("--wandb-project", default="", help="mirror metrics to this wandb project (empty = local only)")
+    group.add_argument("--peak-tflops", type=float, default=989.0,
+                       help="accelerator bf16 dense peak for MFU on CUDA (H100/H200 SXM: 989)")
+
+
+def add_speed_flags(group) -> None:
+    """Flags both train scripts share that change speed and memory, not the objective.
+
+    --attention: attention inside the documents of packed rows; varlen = a flash varlen kernel on CUDA (one SDPA call
+    per document elsewhere), sdpa = a block-diagonal (T, T) mask, flex = FlexAttention (CUDA only).
+    --fused-lm-head (with --chunk-size): the lm-head gradients are computed in the forward pass, 3 matmuls a chunk
+    instead of 4, the same loss.
+    """
+    from utils.doc_attention import ATTENTION_BACKENDS
+
+    group.add_argument("--attention", choices=ATTENTION_BACKENDS, default="varlen",
+                       help="attention inside documents of packed rows (flex: CUDA only; see the trainer's --help)")
+    group.add_argument("--chunk-size", type=int, default=0,
+                       help="tokens per chunk for the lm-head log-softmax (0 = plain; >0 avoids B x T x V fp32 logits)")
+    group.add_argument("--fused-lm-head", action="store_true",
+                       help="with --chunk-size: lm-head gradients computed in the forward pass (same loss, less work)")
+    group.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    group.add_argument("--liger", action="store_true",
+                       help="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; pip install liger-kernel)")
+
+
+def check_speed_flags(device: str, attention: str, chunk_size: int, fused_lm_head: bool, liger: bool) -> None:
+    """Refuse --attention flex and --liger off CUDA (neither has a CPU training path) and --fused-lm-head without
+    --chunk-size, before any model loads. The arguments are the resolved device and the flags' values."""
+    if fused_lm_head and chunk_size <= 0:
+        raise SystemExit("--fused-lm-head works chunk by chunk: set --chunk-size (e.g. 4096)")
+    if not device.startswith("cuda"):
+        if attention == "flex":
+            raise SystemExit(f"--attention flex needs CUDA (PyTorch has no FlexAttention backward on CPU); device is "
+                             f"{device}: use --attention varlen")
+        if liger:
+            raise SystemExit(f"--liger needs CUDA (Liger's kernels are Triton); device is {device}")
+
+
+def add_engine_flags(group) -> None:
+    """The engine flags both evaluation scripts take; their values go to `make_engine` unchanged."""
+    group.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto",
+                       help="auto = vLLM when importable, else HF transformers")
+    group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="auto = the checkpoint's dtype")
+    group.add_argument("--device", default=None, help="cuda:N to pick a GPU (default: cuda:0 if available, else cpu)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory (0-1)")
+    group.add_argument("--max-model-len", type=int, default=-1,
+                       help="prompt + generation tokens (-1 = the model's context length)")
+    group.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded concurrently (HF: batch size)")
+    group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
+                       help="vLLM without CUDA graphs / compile warm-up (faster start, slower decode)")
+
+
+def parse_with_presets(parser, presets: dict[str, dict], argv: list[str] | None):
+    """Parse `argv`; a `--preset NAME` first replaces the defaults with the preset's, so explicit flags still win."""
+    pre, _ = parser.parse_known_args(argv)
+    if getattr(pre, "preset", None):
+        parser.set_defaults(**presets[pre.preset])
+    return parser.parse_args(argv)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a renamed flag: hidden from --help, stores into `dest`, says the new name once per parser."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+        self.new_flag, self.warned = new_flag, False
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not self.warned:  # parse_with_presets parses twice; one line is enough
+            print(f"{option_string} is deprecated: use {self.new_flag}", file=sys.stderr)
+            self.warned = True
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(group, old: str, new: str, dest: str | None = None, **kwargs) -> None:
+    """Keep `old` working as a hidden spelling of `new`: it parses like `new` (pass the same `type`/`nargs`) into the
+    same `dest` (default: `new`'s), and using it prints `<old> is deprecated: use <new>` on stderr."""
+    dest = dest or new.lstrip("-").replace("-", "_")
+    group.add_argument(old, dest=dest, action=_DeprecatedAlias, new_flag=new, **kwargs)
