@@ -21,9 +21,9 @@
 Decimals: a side written with a decimal point equals an exact value only within `REL_TOL` = 1e-6 relative, so
 `0.333` != `1/3` but `3.14159265` = `\\pi`. Exact forms are compared exactly (or to 1e-12 when irrational).
 
-`grade_batch` runs stages 1-2 in the calling process and sends only unsettled items to worker processes that it
-kills and replaces when an item exceeds `timeout_s` (concurrent.futures cannot stop a running task, and SIGALRM
-cannot interrupt a long big-integer operation inside C). Measured with play-scripts/bench-scripts/bench_grader.py
+`grade_batch` runs stages 1-2 in the calling process and sends only unsettled items to worker processes
+(`utils/grader_pool.py`) that it kills and replaces when an item exceeds `timeout_s` (concurrent.futures cannot
+stop a running task, and SIGALRM cannot interrupt a long big-integer operation inside C). Measured with play-scripts/bench-scripts/bench_grader.py
 (5,000 seeded MATH-style responses, 2 workers, timeout 5 s): 2.2 s = 2,300 answers/s, 3.6 s under heavier load,
 98.2% settled by stages 1-2, 0 disagreements with the built-in labels; 2-core CPU container shared with other
 jobs (load average ~2.5), 2026-11-26, Python 3.11.7, sympy 1.14.0, math-verify 0.9.0, latex2sympy2_extended 1.11.0,
@@ -32,22 +32,13 @@ pylatexenc 2.11.
 
 from __future__ import annotations
 
-import logging
-import math
-import multiprocessing
 import os
 import re
-import time
 from collections import deque
-from multiprocessing.connection import wait as wait_for_connections
 from typing import Callable
 
-from utils.exact_math import (MAX_EXPONENT, MAX_FACTORIAL, REL_TOL, Parser, Undecided, compare_text, evaluate,
-                              fast_compare)
-
-MAX_SYMBOLIC_CHARS = 1000  # the longest MATH answers are ~200 characters
-MAX_BRACE_DEPTH = 20  # MATH answers nest a few levels; a 20,000-character nested \frac nests thousands
-MAX_SYMBOLIC_EXPONENT = 100  # (x+1)^{10000} makes sympy expand ten thousand terms
+from utils.exact_math import REL_TOL, compare_text, fast_compare
+from utils.grader_pool import MAX_BRACE_DEPTH, MAX_SYMBOLIC_CHARS, brace_depth, refuse_symbolic, run_workers
 
 # ---------------------------------------------------------------------------------------------------------------
 # Answer extraction
@@ -165,99 +156,7 @@ def _normalize(answer: str) -> tuple[str, bool]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Stage 3: guard, then math-verify and sympy
-
-
-def _brace_depth(s: str) -> int:
-    depth = deepest = 0
-    for char in s:
-        if char == "{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char == "}":
-            depth -= 1
-            if depth < 0:
-                return MAX_BRACE_DEPTH + 1
-    return deepest if depth == 0 else MAX_BRACE_DEPTH + 1  # unbalanced counts as too deep: refused
-
-
-def _operand_end(s: str, i: int) -> int:
-    """End (exclusive) of the operand starting at s[i]: a brace group or one token, with any `^` chain after it."""
-    if i < len(s) and s[i] == "{":
-        depth, end = 0, len(s)
-        for j in range(i, len(s)):
-            depth += {"{": 1, "}": -1}.get(s[j], 0)
-            if depth == 0:
-                end = j + 1
-                break
-    else:
-        match = re.match(r"\\[a-zA-Z]+|\d+|.", s[i:])  # digits whole: sympy reads 9^99 as 9^{99}
-        end = i + (len(match.group(0)) if match else 0)
-    if end < len(s) and s[end] == "^":  # 9^9^9 is a tower: the exponent of the first ^ is 9^9
-        return _operand_end(s, end + 1)
-    return end
-
-
-def _operand_start(s: str, i: int) -> int:
-    """Start of the operand ending at s[i - 1]: a bracket group, a number, a letter or command, or a factorial;
-    a power `a^b` counts whole, so `10^{9}!` is the factorial of 10^9."""
-    j = i
-    if j > 0 and s[j - 1] == "!":
-        j = _operand_start(s, j - 1)
-    elif j > 0 and s[j - 1] in ")}]":
-        depth = 0
-        for k in range(j - 1, -1, -1):
-            depth += 1 if s[k] in ")}]" else -1 if s[k] in "({[" else 0
-            if depth == 0:
-                j = k
-                break
-        else:
-            return 0
-    else:
-        match = re.search(r"(?:\\[a-zA-Z]+|[a-zA-Z]|[\d.]+)$", s[:j])
-        j = match.start() if match else j
-    if j > 0 and s[j - 1] == "^":
-        return _operand_start(s, j - 1)
-    return j
-
-
-def _numeric_size(text: str) -> float | None:
-    """|value| of a numeric-only expression (inf when it overflows); None when it has letters (symbolic)."""
-    if re.search(r"[a-zA-Z]", re.sub(r"\\(?:frac|cdot|times|sqrt)", "", text)):
-        return None
-    try:
-        value = evaluate(Parser(text).parse(), {})
-    except (Undecided, ZeroDivisionError, ValueError, RecursionError):
-        return math.inf  # digits only, yet too big (or malformed) to evaluate within the bounds: refuse
-    return abs(value.approx) if value.approx is not None else math.inf
-
-
-def _refuse_symbolic(s: str) -> bool:
-    """Whether s could make sympy run unbounded work (huge powers, factorials, binomials, size): refused answers
-    are graded wrong without being parsed."""
-    if len(s) > MAX_SYMBOLIC_CHARS or _brace_depth(s) > MAX_BRACE_DEPTH or re.search(r"\d{1001}", s):
-        return True
-    if any(not c.isascii() for c in s):
-        return True  # after normalization, leftover non-ASCII is not math sympy can read
-    for match in re.finditer(r"\^", s):
-        exponent = _numeric_size(s[match.end() : _operand_end(s, match.end())])
-        if exponent is not None and exponent > MAX_EXPONENT:
-            return True
-        # sympy expands (x+1)^{10000} term by term; no MATH answer raises an expression to more than a few powers
-        base_is_symbolic = _numeric_size(s[_operand_start(s, match.start()) : match.start()]) is None
-        if exponent is not None and exponent > MAX_SYMBOLIC_EXPONENT and base_is_symbolic:
-            return True
-    for match in re.finditer(r"!", s):
-        size = _numeric_size(s[_operand_start(s, match.start()) : match.start()])
-        if size is not None and size > MAX_FACTORIAL:
-            return True
-    for match in re.finditer(r"\\binom", s):
-        top_end = _operand_end(s, match.end())
-        for text in (s[match.end() : top_end], s[top_end : _operand_end(s, top_end)]):
-            size = _numeric_size(text)
-            if size is not None and size > MAX_EXPONENT:
-                return True
-    return False
+# Stage 3: math-verify and sympy (after the guard in utils/grader_pool.py)
 
 
 def _symbolic_equal(a: str, b: str) -> bool:
@@ -301,7 +200,7 @@ def _settle(model_answer: str, ground_truth: str, fast: bool) -> bool | None:
         return False
     if a == b:
         return True
-    if any(len(s) > MAX_SYMBOLIC_CHARS or _brace_depth(s) > MAX_BRACE_DEPTH for s in (a, b)):
+    if any(len(s) > MAX_SYMBOLIC_CHARS or brace_depth(s) > MAX_BRACE_DEPTH for s in (a, b)):
         return False  # too long, too deep or unbalanced for any parser: only an identical string matches
     if not percent_a and not percent_b:
         # Words before algebra, in both modes: `no` and `on` are different answers, though equal as products.
@@ -311,7 +210,7 @@ def _settle(model_answer: str, ground_truth: str, fast: bool) -> bool | None:
     verdict = fast_compare(a, b, percent_a, percent_b)
     if verdict is True or (verdict is False and fast):
         return verdict
-    if _refuse_symbolic(a) or _refuse_symbolic(b):
+    if refuse_symbolic(a) or refuse_symbolic(b):
         return False
     return None
 
@@ -422,129 +321,6 @@ _PREPASS: dict[Callable, Callable] = {r1_zero_reward_fn: _r1_zero_prepass,
                                       question_only_reward_fn: _question_only_prepass}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Process pool with per-item timeout
-
-_WORKER_START_TIMEOUT_S = 120.0  # spawn + importing sympy/math-verify; minutes only on a badly overloaded machine
-_WORKER_MEMORY_BYTES = 4 * 2**30  # a runaway sympy call raises MemoryError (graded wrong) before it starves the host
-
-
-def _worker_main(conn) -> None:
-    """Worker loop: grade (index, reward_fn, response, ground_truth) messages until None or the pipe closes."""
-    import resource
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills its workers
-    try:  # on top of what is mapped already: spawn re-imports the parent's script, which may have mapped torch/CUDA
-        with open("/proc/self/statm") as statm:
-            mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        resource.setrlimit(resource.RLIMIT_AS, (mapped + _WORKER_MEMORY_BYTES, resource.RLIM_INFINITY))
-    except (OSError, ValueError):
-        pass  # no /proc (not Linux) or a lower hard limit already in place: rely on the timeout alone
-    # The pool enforces time by killing this process, so math-verify's "timeout disabled" warning is expected noise.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    _symbolic_equal("\\frac{1}{2}+x", "x+0.5")  # import sympy/math-verify and build the parser before any clock
-    conn.send(("ready", None, None))
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message is None:
-            return
-        index, reward_fn, response, ground_truth = message
-        try:
-            conn.send((index, reward_fn(response, ground_truth), None))
-        except Exception as error:  # report to the parent, which raises: a crashing reward_fn is a bug
-            conn.send((index, None, f"{type(error).__name__}: {error}"))
-
-
-class _Worker:
-    """One grading process, its pipe, and the item it works on (index and deadline)."""
-
-    def __init__(self, context):
-        self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child_conn,), daemon=True)
-        self.process.start()
-        child_conn.close()
-        self.ready = False
-        self.deadline = time.monotonic() + _WORKER_START_TIMEOUT_S  # start-up, then the current item's
-        self.item: int | None = None
-
-    def send(self, item: int, message: tuple, timeout_s: float) -> None:
-        self.item, self.deadline = item, time.monotonic() + timeout_s
-        try:
-            self.conn.send(message)
-        except OSError:
-            pass  # the worker just died: wait() reports its closed pipe and the item as crashed
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join(timeout=10)
-        self.conn.close()
-
-    def close(self) -> None:
-        try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.process.join(timeout=2)
-        if self.process.is_alive():
-            self.kill()
-        else:
-            self.conn.close()
-
-
-def _run_workers(items: deque[int], responses, ground_truths, reward_fn, workers: int, timeout_s: float,
-                 results: list, on_failure: dict[int, dict]) -> None:
-    """Grade items in up to `workers` processes; a worker whose item runs past timeout_s is killed (item wrong)."""
-    context = multiprocessing.get_context("spawn")  # fork would copy a parent's CUDA/vLLM threads and locks
-    pool: list[_Worker] = []
-
-    def drop(worker: _Worker, settled_by: str) -> None:
-        timed_out = settled_by == "timeout"
-        results[worker.item] = {**on_failure[worker.item], "timed_out": timed_out, "settled_by": settled_by}
-        worker.kill()
-        pool.remove(worker)  # replaced at the top of the loop if work is left
-
-    try:
-        while items or any(w.item is not None for w in pool):
-            busy = sum(w.item is not None for w in pool)
-            while len(pool) < min(workers, len(items) + busy):
-                pool.append(_Worker(context))
-            for worker in pool:
-                if worker.ready and worker.item is None and items:
-                    i = items.popleft()
-                    worker.send(i, (i, reward_fn, responses[i], ground_truths[i]), timeout_s)
-            waiting = [w for w in pool if w.item is not None or not w.ready]
-            timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-            for conn in wait_for_connections([w.conn for w in waiting], timeout=timeout):
-                worker = next(w for w in pool if w.conn is conn)
-                try:
-                    index, reward, error = conn.recv()
-                except (EOFError, OSError):  # died without answering: the OOM killer, a crash inside C code
-                    if not worker.ready:
-                        worker.process.join(timeout=5)
-                        raise RuntimeError(f"grader worker exited during start-up (code {worker.process.exitcode}); "
-                                           "spawn re-imports the caller's __main__, which must be a file")
-                    drop(worker, "crashed")
-                    continue
-                if index == "ready":
-                    worker.ready, worker.deadline = True, math.inf
-                elif error is not None:
-                    raise RuntimeError(f"reward_fn failed on item {index}: {error}")
-                else:
-                    results[index] = {**reward, "timed_out": False, "settled_by": "worker"}
-                    worker.item, worker.deadline = None, math.inf
-            now = time.monotonic()
-            for worker in [w for w in pool if now >= w.deadline]:
-                if not worker.ready:
-                    raise RuntimeError(f"grader worker did not start within {_WORKER_START_TIMEOUT_S:.0f} s")
-                drop(worker, "timeout")
-    finally:
-        for worker in pool:
-            worker.close()
-
 
 def grade_batch(responses: list[str], ground_truths: list[str | list[str]], workers: int | None = None,
                 timeout_s: float = 5.0, reward_fn: Callable = r1_zero_reward_fn) -> list[dict]:
@@ -593,5 +369,5 @@ def grade_batch(responses: list[str], ground_truths: list[str | list[str]], work
             pending.append(i)
             on_failure[i] = reward  # answer 0, format as checked
     if pending:
-        _run_workers(pending, responses, ground_truths, reward_fn, workers, timeout_s, results, on_failure)
+        run_workers(pending, responses, ground_truths, reward_fn, workers, timeout_s, results, on_failure)
     return results
