@@ -35,47 +35,109 @@ from __future__ import annotations
 import os
 import re
 from collections import deque
+from fractions import Fraction
 from typing import Callable
 
-from utils.exact_math import REL_TOL, compare_text, fast_compare
+from utils.exact_math import align_tuple, braced_list, compare_relations, compare_text, fast_compare, split_top
 from utils.grader_pool import MAX_BRACE_DEPTH, MAX_SYMBOLIC_CHARS, brace_depth, refuse_symbolic, run_workers
+
+MAX_ANSWER_CHARS = 5000  # longer answers match only an identical string: MATH answers are ~200 characters, and
+# normalizing 100,000 characters of digits must not take longer than the timeout it runs before
 
 # ---------------------------------------------------------------------------------------------------------------
 # Answer extraction
 
 
+def _boxes(text: str) -> list[str | None]:
+    """Contents of the top-level `\\boxed{...}` (or `\\boxed x`) in text, in order; None for one whose brace never
+    closes (it runs to the end of the text, so it is the last). One pass: each box is scanned once."""
+    found: list[str | None] = []
+    start = text.find("\\boxed")
+    while start >= 0:
+        i = start + len("\\boxed")
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i >= len(text):
+            found.append(None)
+            break
+        if text[i] != "{":  # `\boxed 5`: TeX takes one token; models write it for short answers
+            match = re.match(r"[^\s$]+", text[i : i + MAX_ANSWER_CHARS])
+            found.append(match.group(0) if match and start + len("\\boxed") < i else None)
+            start = text.find("\\boxed", i)
+            continue
+        depth, end = 0, None
+        for j in range(i, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    end = j
+                    break
+        if end is None:
+            found.append(None)
+            break
+        found.append(text[i + 1 : end])
+        start = text.find("\\boxed", end)
+    return found
+
+
 def _last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\boxed x`) in text; None when absent or its brace never closes."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = start + len("\\boxed")
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text):
-        return None
-    if text[i] != "{":  # `\boxed 5`: TeX takes one token; models write it for short answers
-        match = re.match(r"[^\s$]+", text[i:])
-        return match.group(0) if match and start + len("\\boxed") < i else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
+    """Content of the last top-level `\\boxed{}` in text; None when absent or its brace never closes."""
+    boxes = _boxes(text)
+    return boxes[-1] if boxes else None
+
+
+_DELIMITER = re.compile(r"\\\$|\$\$|\$|\\[()\[\]]")
+_CLOSER = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
+
+
+def _math_spans(text: str) -> list[str]:
+    """Non-empty contents of `$...$`, `$$...$$`, `\\(...\\)` and `\\[...\\]` in text, in order (`\\$` is a dollar
+    sign); an unclosed opener is not a span. One pass over the delimiters."""
+    spans, opener, start = [], None, 0
+    for match in _DELIMITER.finditer(text):
+        delimiter = match.group(0)
+        if opener is None and delimiter in _CLOSER:
+            opener, start = delimiter, match.end()
+        elif opener is not None and delimiter == _CLOSER[opener]:
+            spans.append(text[start : match.start()].strip())
+            opener = None
+    return [span for span in spans if span]
+
+
+def answer_candidates(answer_text: str) -> list[str]:
+    """The answers to grade in an `<answer>` block, by one rule for every delimiter (first that applies):
+
+    1. boxes: the last `\\boxed{}` alone and, when there are several, all boxes together as a list
+       (`\\boxed{(2, 2)}` and `\\boxed{(6, 2)}` -> `(6, 2)` and `(2, 2), (6, 2)`); [''] when the last box is empty
+       or never closes;
+    2. else math spans: the same with `$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]` (`Answer $ 9 $` -> `9`);
+    3. else the whole text, stripped.
+    A response earns credit when any candidate matches.
+    """
+    parts = _boxes(answer_text) if "\\boxed" in answer_text else _math_spans(answer_text)
+    if not parts:
+        return [answer_text.strip()]
+    if parts[-1] is None or not parts[-1].strip():
+        return [""]
+    parts = [p.strip() for p in parts if p and p.strip()]
+    return parts[-1:] + ([", ".join(parts)] if len(parts) > 1 else [])
+
+
+def extract_r1_zero_answers(response: str) -> tuple[bool, list[str]]:
+    """(format ok, answer candidates) under the r1_zero contract: the text after the last `<answer>`, with
+    `</answer>` removed, read by `answer_candidates`; the first candidate is the last box or span."""
+    if "</think> <answer>" not in response or "</answer>" not in response:
+        return False, [""]
+    return True, answer_candidates(response.split("<answer>")[-1].replace("</answer>", ""))
 
 
 def extract_r1_zero_answer(response: str) -> tuple[bool, str]:
-    """(format ok, answer text) under the r1_zero contract; the answer is '' when a `\\boxed` is empty or unclosed."""
-    if "</think> <answer>" not in response or "</answer>" not in response:
-        return False, ""
-    answer = response.split("<answer>")[-1].replace("</answer>", "")
-    if "\\boxed" in answer:
-        answer = _last_boxed(answer) or ""
-    return True, answer.strip()
+    """(format ok, answer text): the first of `extract_r1_zero_answers` (the last box or math span, else the text);
+    '' when a `\\boxed` is empty or unclosed."""
+    format_ok, candidates = extract_r1_zero_answers(response)
+    return format_ok, candidates[0]
 
 
 _LAST_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -100,8 +162,13 @@ _UNIT_WORDS = (r"(?:square|sq\.?|cubic)?\s*(?:units?|cm|centimeters?|meters?|mm|
 _TEXT_UNITS = re.compile(r"(?<=[\d}])\s*\\(?:text|textrm|mbox|mathrm)\{\s*" + _UNIT_WORDS + r"\s*\}(?:\^\{?\d\}?)?\s*$")
 _BARE_UNITS = re.compile(r"(?<=\d)\s+" + _UNIT_WORDS + r"(?:\^\{?\d\}?)?\s*$")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|emph)\{([^{}]*)\}")
-_ASSIGNMENT = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?(?:=|\\in(?![a-zA-Z]))")
+_ASSIGNED = re.compile(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?")  # x, \theta, a_1, f(x)
+_MEMBERSHIP = re.compile(_ASSIGNED.pattern + r"\\in(?![a-zA-Z])")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_PERCENT_WORD = re.compile(r"(?<=[\d}]) ?(?:\\(?:text|mbox|mathrm)\{ ?)?(?:percent(?:age)?|per ?cent|pct)\.?(?: ?\})?")
+# `1 \text{ and } 2`, `19, 46, and 82`, `x=1 or x=2`: list separators (a bare word only between list items)
+_LIST_WORD = re.compile(r",? ?(?:\\text\{ ?(?:and|or) ?\}|(?<=[\d)\]}, ])(?:and|or)(?![a-zA-Z])(?= ?[-\d(\[\\{a-zA-Z])) ?")
+_REPEATING = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\(?:overline|bar) ?\{?(\d+)\}?")  # 0.\overline{3}, 0.1\bar{6}
 
 
 def _strip_decimal_zeros(match: re.Match) -> str:
@@ -109,116 +176,184 @@ def _strip_decimal_zeros(match: re.Match) -> str:
     return number[:-1] if number.endswith(".") else number
 
 
+def _repeating_decimal(match: re.Match) -> str:
+    """`0.1\\overline{6}` -> `\\frac{15}{90}`: the exact value of a repeating decimal."""
+    whole, head, cycle = match.group(1) or "0", match.group(2), match.group(3)
+    value = int(whole) + Fraction(int(head + cycle) - int(head or "0"), 10 ** len(head) * (10 ** len(cycle) - 1))
+    return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
 def _normalize(answer: str) -> tuple[str, bool]:
     """Canonical string form of an answer and whether it carried a percent sign.
 
     Removes only notation that never changes the value in MATH answers; the percent sign is returned separately
-    because `50\\%` must equal both `50` (the issue's convention) and `0.5`.
+    because `50\\%` must equal both `50` (the issue's convention) and `0.5`. Relations are kept (`x=5` stays).
+    Every pattern runs in linear time on runs of one space (the input is capped at MAX_ANSWER_CHARS).
     """
-    s = answer.strip()
+    s = re.sub(r"\s+", " ", answer).strip()
     if "\\boxed" in s:
         s = _last_boxed(s) or ""
     for char, replacement in _UNICODE.items():
         s = s.replace(char, replacement)
     s = s.replace("\\$", "").replace("$", "")
+    list_commas = re.search(r", ", s) is not None  # `32, 349` is a list of two numbers, `32,349` one number
+    s = _PERCENT_WORD.sub("\\\\%", s)
     s = re.sub(r"\\(?:left|right)\.", "", s)
     s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![a-zA-Z])", "", s)
     s = re.sub(r"\\[dt]frac(?![a-zA-Z])", "\\\\frac", s).replace("\\dbinom", "\\binom").replace("bmatrix", "pmatrix")
+    s = re.sub(r"\\\\ ?\\end\{pmatrix\}", "\\\\end{pmatrix}", s)  # a trailing row break adds no row
     s = re.sub(r"(?<!\\)\\(?:[!,;: ]|q?quad(?![a-zA-Z]))|~", " ", s)  # not the `\\ ` of a matrix row break
-    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree", "", s)
+    s = re.sub(r"\^ ?\{ ?\\circ ?\}|\^ ?\\circ|\\circ|\\degree", "", s)
     percent = "%" in s
     s = s.replace("\\%", "").replace("%", "")
     s = _TEXT_UNITS.sub("", s)
     s = _BARE_UNITS.sub("", s)
-    s = re.sub(r"\\text\{\s*(?:and|or)\s*\}", ",", s)
+    s = _LIST_WORD.sub(",", s)
     for _ in range(3):  # nested \text{\textbf{...}}
         s = _TEXT_CMD.sub(r"\1", s)
     # Spaces carry no meaning except between a command and a following letter (`\pi r`): keep exactly those.
-    s = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", "\\1\x01", s)
-    s = re.sub(r"\s+", "", s).replace("\x01", " ")
+    s = re.sub(r"(\\[a-zA-Z]+) (?=[a-zA-Z])", "\\1\x01", s)
+    s = s.replace(" ", "").replace("\x01", " ")
     s = s.rstrip(".")  # sentence-final period
-    if s.count("=") + len(re.findall(r"\\in(?![a-zA-Z])", s)) == 1:
-        s = _ASSIGNMENT.sub("", s, count=1)
+    if "=" not in s and len(re.findall(r"\\in(?![a-zA-Z])", s)) == 1:
+        s = _MEMBERSHIP.sub("", s, count=1) if _MEMBERSHIP.match(s) else s
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
     s = re.sub(r"\\frac(\{[^{}]*\})(\d)", r"\\frac\1{\2}", s)
     s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
     s = re.sub(r"([\^_])\{(\w)\}", r"\1\2", s)  # x^{2} -> x^2
     s = s.replace("{,}", "")
-    if _THOUSANDS.fullmatch(s):
+    if not list_commas and _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
+    s = _REPEATING.sub(_repeating_decimal, s)
     s = re.sub(r"(?<![\d.])\.(?=\d)", "0.", s)
-    s = re.sub(r"\d+\.\d+", _strip_decimal_zeros, s)
+    s = re.sub(r"(?<![\d.])\d+\.\d+", _strip_decimal_zeros, s)  # the lookbehind keeps long digit runs linear
     s = re.sub(r"^\(([A-Za-z])\)$", r"\1", s)  # multiple choice: (B) -> B
     if s.isalpha() and s.isascii():
         s = s.lower()
+    parts = split_top(s) if "=" in s else None
+    if parts and len(parts) > 1 and all(_assignment(part) for part in parts):
+        s = ",".join(_assignment(part)[1] for part in parts)  # `x=1,x=2` lists the values 1 and 2
     return s, percent
+
+
+def _relation(s: str) -> tuple[str, str] | None:
+    """(left, right) of a normalized answer that is one equation (`2x+4y-3=0`, `y=2x`); None otherwise."""
+    if s.count("=") != 1 or re.search(r"[<>!:]=|=[<>]", s):
+        return None
+    left, right = s.split("=")
+    parts = split_top(s)
+    return (left, right) if left and right and parts is not None and len(parts) == 1 else None
+
+
+def _assignment(s: str) -> tuple[str, str] | None:
+    """(variable, value) when s is one equation whose left side names a single variable (`x=5`, `f(x)=2x+1`)."""
+    relation = _relation(s)
+    return relation if relation and _ASSIGNED.fullmatch(relation[0]) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 3: math-verify and sympy (after the guard in utils/grader_pool.py)
 
 
+def _exact_decimals(s: str) -> str:
+    """`2.5` -> `{\frac{25}{10}}`: sympy then compares the rational the decimal spells, never a rounded float."""
+    return re.sub(r"(?<![\d.])(\d*)\.(\d+)", lambda m: f"{{\\frac{{{m[1]}{m[2]}}}{{1{'0' * len(m[2])}}}}}", s)
+
+
+def _parse_latex(s: str) -> list:
+    from math_verify import parse  # imported on first use: the fast stages never need sympy
+
+    return parse(f"${_exact_decimals(s)}$", parsing_timeout=None)
+
+
 def _symbolic_equal(a: str, b: str) -> bool:
-    """math-verify equivalence in either role, then a sympy numeric check with REL_TOL; symmetric by construction."""
-    from math_verify import parse, verify  # imported on first use: the fast stages never need sympy
+    """math-verify equivalence in either role, on exact decimals; symmetric by construction."""
+    from math_verify import verify
 
     try:
-        parsed_a = parse(f"${a}$", parsing_timeout=None)
-        parsed_b = parse(f"${b}$", parsing_timeout=None)
+        parsed_a, parsed_b = _parse_latex(a), _parse_latex(b)
         if not parsed_a or not parsed_b:
             return False
         # verify(gold, target) is not symmetric: it compares a relation with an interval (`1<x<2` vs `(1,2)`)
         # only when the target is the interval. Equivalence should not depend on which side is the reference.
-        return (verify(parsed_a, parsed_b, timeout_seconds=None) or verify(parsed_b, parsed_a, timeout_seconds=None)
-                or _sympy_close(parsed_a[0], parsed_b[0]))
+        return verify(parsed_a, parsed_b, timeout_seconds=None) or verify(parsed_b, parsed_a, timeout_seconds=None)
     except Exception:  # sympy raises many types on malformed input; an answer it cannot read is not correct
         return False
 
 
-def _sympy_close(x: object, y: object) -> bool:
-    """Relative-tolerance equality for numbers when one side is written as a decimal (`3.14159265` = `\\pi`)."""
+def _relations_equal(diff_a: str, diff_b: str) -> bool:
+    """Whether two `left - right` expressions differ by a nonzero constant factor (the same equation, scaled)."""
     import sympy
 
-    if not all(isinstance(v, sympy.Expr) and v.is_number for v in (x, y)):
+    try:
+        parsed_a, parsed_b = _parse_latex(diff_a), _parse_latex(diff_b)
+        if not parsed_a or not parsed_b or not all(isinstance(p[0], sympy.Expr) for p in (parsed_a, parsed_b)):
+            return False
+        ratio = sympy.simplify(parsed_a[0] / parsed_b[0])
+        return bool(ratio.is_number and ratio.is_finite and ratio.is_zero is False)
+    except Exception:
         return False
-    if not (x.has(sympy.Float) or y.has(sympy.Float)):
-        return False
-    vx, vy = complex(sympy.N(x, 30)), complex(sympy.N(y, 30))
-    return abs(vx - vy) <= REL_TOL * max(abs(vx), abs(vy))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public API
 
 
-def _settle(model_answer: str, ground_truth: str, fast: bool) -> bool | None:
-    """Stages 1-2 and the guard: True/False when decided without sympy, None when the symbolic stage must decide."""
+def _decide(model_answer: str, ground_truth: str, fast: bool) -> tuple[bool | None, list[tuple[str, str]], bool]:
+    """Stages 1-2 and the guard: (verdict, pairs for the symbolic stage, whether the pairs are equations as
+    `left - right`). The verdict is None when the symbolic stage must decide one of the pairs."""
+    if max(len(model_answer), len(ground_truth)) > MAX_ANSWER_CHARS:
+        return bool(model_answer.strip()) and model_answer.strip() == ground_truth.strip(), [], False
     a, percent_a = _normalize(model_answer)
     b, percent_b = _normalize(ground_truth)
     if not a or not b:
-        return False
+        return False, [], False
     if a == b:
-        return True
+        return True, [], False
     if any(len(s) > MAX_SYMBOLIC_CHARS or brace_depth(s) > MAX_BRACE_DEPTH for s in (a, b)):
-        return False  # too long, too deep or unbalanced for any parser: only an identical string matches
+        return False, [], False  # too long, too deep or unbalanced for any parser: only an identical string matches
+    relation_a, relation_b = _relation(a), _relation(b)
+    if relation_a and relation_b and relation_a[0] != relation_b[0]:
+        verdict = compare_relations(*relation_a, *relation_b)
+        if verdict is True or (verdict is False and fast):
+            return verdict, [], False
+        if refuse_symbolic(a) or refuse_symbolic(b):
+            return False, [], False
+        return None, [(f"({relation_a[0]})-({relation_a[1]})", f"({relation_b[0]})-({relation_b[1]})")], True
+    if relation_a and relation_b:  # the same left side (`x=...`, `f(x)=...`): compare the right sides
+        a, b = relation_a[1], relation_b[1]
+    else:  # an equation equals a bare value only when its left side is one variable: `x = 5` and `5`
+        a, b = (_assignment(a) or (None, a))[1], (_assignment(b) or (None, b))[1]
+    if ("=" in a) != ("=" in b):
+        return False, [], False  # a relation never equals one of its sides, nor a bare expression
+    if a == b:
+        return True, [], False
+    a, b = align_tuple(a, b)
     if not percent_a and not percent_b:
         # Words before algebra, in both modes: `no` and `on` are different answers, though equal as products.
         text = compare_text(a, b)
         if text is not None:
-            return text
+            return text, [], False
     verdict = fast_compare(a, b, percent_a, percent_b)
     if verdict is True or (verdict is False and fast):
-        return verdict
+        return verdict, [], False
     if refuse_symbolic(a) or refuse_symbolic(b):
-        return False
-    return None
+        return False, [], False
+    a, b = braced_list(a), braced_list(b)
+    pairs = [(a, b)] + [(f"\\frac{{{a}}}{{100}}", b)] * percent_a + [(a, f"\\frac{{{b}}}{{100}}")] * percent_b
+    return None, pairs, False
+
+
+def _settle(model_answer: str, ground_truth: str, fast: bool) -> bool | None:
+    """True/False when decided without sympy, None when the symbolic stage must decide."""
+    return _decide(model_answer, ground_truth, fast)[0]
 
 
 def normalize_answer(answer: str) -> str:
-    """The grader's string normal form (e.g. `\\dfrac12` -> `\\frac{1}{2}`, `1,000` -> `1000`, `x = 5` -> `5`): a cheap
-    key for grouping answers, e.g. majority votes. Equal keys imply `grade` equality; the converse does not hold."""
-    return _normalize(answer)[0]
+    """The grader's string normal form (e.g. `\\dfrac12` -> `\\frac{1}{2}`, `1,000` -> `1000`): a cheap key for
+    grouping answers, e.g. majority votes. Equal keys imply `grade` equality; the converse does not hold."""
+    return _normalize(answer)[0] if len(answer) <= MAX_ANSWER_CHARS else answer.strip()
 
 
 def fast_equivalent(a: str, b: str) -> bool:
@@ -242,13 +377,11 @@ def grade(model_answer: str, ground_truth: str, fast: bool = True) -> bool:
         (unless string-identical after normalization). Runs in the calling process with no time limit: use
         `grade_batch` for untrusted model output.
     """
-    verdict = _settle(model_answer, ground_truth, fast)
+    verdict, pairs, relations = _decide(model_answer, ground_truth, fast)
     if verdict is not None:
         return verdict
-    a, percent_a = _normalize(model_answer)
-    b, percent_b = _normalize(ground_truth)
-    candidates = [(a, b)] + [(f"\\frac{{{a}}}{{100}}", b)] * percent_a + [(a, f"\\frac{{{b}}}{{100}}")] * percent_b
-    return any(_symbolic_equal(x, y) for x, y in candidates)
+    compare = _relations_equal if relations else _symbolic_equal
+    return any(compare(x, y) for x, y in pairs)
 
 
 def _as_list(ground_truth: str | list[str]) -> list[str]:
@@ -269,13 +402,15 @@ def r1_zero_reward_fn(response: str, ground_truth: str | list[str], fast: bool =
 
     Returns:
         {"format_reward", "answer_reward", "reward"} floats in {0, 1}. Format needs "</think> <answer>" and
-        "</answer>"; without it all three are 0. The answer is the text after the last "<answer>" with "</answer>"
-        removed, or the content of its last `\\boxed{}`; an empty box is formatted (1) but wrong (0).
+        "</answer>"; without it all three are 0. The answer is read from the text after the last "<answer>" with
+        "</answer>" removed by `answer_candidates`: boxes win (the last alone, or all together as a list), else
+        math spans the same way (`Answer $ 9 $` -> 9), else the whole text. An empty or unclosed box is
+        formatted (1) but wrong (0).
     """
-    format_ok, answer = extract_r1_zero_answer(response)
+    format_ok, answers = extract_r1_zero_answers(response)
     if not format_ok:
         return _reward(False, False)
-    return _reward(True, bool(answer) and any(grade(answer, g, fast) for g in _as_list(ground_truth)))
+    return _reward(True, any(a and grade(a, g, fast) for a in answers for g in _as_list(ground_truth)))
 
 
 def question_only_reward_fn(response: str, ground_truth: str | list[str], fast: bool = True) -> dict[str, float]:
@@ -295,22 +430,22 @@ def question_only_reward_fn(response: str, ground_truth: str | list[str], fast: 
     return {"format_reward": float(boxed), "answer_reward": float(correct), "reward": float(correct)}
 
 
-def _prepass(answer: str, ground_truths: list[str]) -> bool | None:
-    verdicts = [_settle(answer, g, fast=True) for g in ground_truths]
+def _prepass(answers: list[str], ground_truths: list[str]) -> bool | None:
+    verdicts = [_settle(a, g, fast=True) if a else False for a in answers for g in ground_truths]
     return True if True in verdicts else (None if None in verdicts else False)
 
 
 def _r1_zero_prepass(response: str, ground_truth: str | list[str]) -> tuple[dict[str, float], bool]:
-    format_ok, answer = extract_r1_zero_answer(response)
-    if not format_ok or not answer:
+    format_ok, answers = extract_r1_zero_answers(response)
+    if not format_ok:
         return _reward(format_ok, False), True
-    verdict = _prepass(answer, _as_list(ground_truth))
+    verdict = _prepass(answers, _as_list(ground_truth))
     return _reward(True, bool(verdict)), verdict is not None
 
 
 def _question_only_prepass(response: str, ground_truth: str | list[str]) -> tuple[dict[str, float], bool]:
     boxed, answer = _question_only_answer(response)
-    verdict = _prepass(answer, _as_list(ground_truth)) if answer else False
+    verdict = _prepass([answer], _as_list(ground_truth))
     correct = float(bool(verdict))
     return {"format_reward": float(boxed), "answer_reward": correct, "reward": correct}, verdict is not None
 
