@@ -165,7 +165,7 @@ _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|m
 _ASSIGNED = re.compile(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?")  # x, \theta, a_1, f(x)
 _MEMBERSHIP = re.compile(_ASSIGNED.pattern + r"\\in(?![a-zA-Z])")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_PERCENT_WORD = re.compile(r"(?<=[\d}]) ?(?:\\(?:text|mbox|mathrm)\{ ?)?(?:percent(?:age)?|per ?cent|pct)\.?(?: ?\})?")
+_PERCENT_WORD = re.compile(r"(?<=[\d}]) ?(?:\\(?:text|mbox|mathrm)\{ ?)?(?:percent(?:age)?|per ?cent|pct)(?![a-zA-Z])\.?(?: ?\})?")
 # `1 \text{ and } 2`, `19, 46, and 82`, `x=1 or x=2`: list separators (a bare word only between list items)
 _LIST_WORD = re.compile(r",? ?(?:\\text\{ ?(?:and|or) ?\}|(?<=[\d)\]}, ])(?:and|or)(?![a-zA-Z])(?= ?[-\d(\[\\{a-zA-Z])) ?")
 _REPEATING = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\(?:overline|bar) ?\{?(\d+)\}?")  # 0.\overline{3}, 0.1\bar{6}
