@@ -4,42 +4,55 @@
     r1_zero_reward_fn("... </think> <answer> \\boxed{\\dfrac12} </answer>", "0.5")   # 1/1/1
     grade_batch(responses, ground_truths, workers=2, timeout_s=5.0)                # list of reward dicts
 
-`grade(a, b)` decides equivalence in three stages, cheapest first:
-  1. String: both sides are normalized (`\\left`/`\\right`, spacing commands, `\\dfrac`, units in `\\text{}`, degrees,
-     `\\%`, `\\$`, thousands separators, trailing `.0`, a leading `x =`) and compared.
-  2. Fast values (`utils/exact_math.py`): a small exact evaluator (Fractions; floats once `\\sqrt` or `\\pi`
-     appear) reads numbers, `\\frac`, `\\sqrt`, `\\pi`, `\\infty`, powers, factorials and single-letter variables
-     (checked at two fixed rational points), inside tuples, intervals, sets, bare lists and pmatrix. It returns a
-     verdict only when it understood both sides.
-  3. Symbolic: math-verify (`parse`/`verify` in both roles, their SIGALRM timeouts off) plus a sympy check with
-     relative tolerance `REL_TOL` when a side is written as a decimal. Before it, a guard refuses inputs that could
-     make sympy run unbounded (exponents above 10,000 or towers, an expression raised above the 100th power, n! with
-     n > 1000, \\binom arguments above 10,000, >1000 characters, brace depth >20, unbalanced braces, non-ASCII):
-     they are graded wrong without being parsed. Conventions taken from math-verify: `2\\frac{1}{3}` is a mixed
-     number, `2^10` means 2^{10}, a trailing unit word is dropped (`5 apples` = 5).
+`grade(a, b)` decides equivalence in three stages, cheapest first; a stage settles only what it can prove:
+  1. String: both sides are normalized (`\\left`/`\\right`, spacing, `\\dfrac`, units, degrees, `\\%` and the words
+     percent/pct, `\\$`, thousands commas (not `, `: that separates items), `and`/`or` between items, trailing `.0`,
+     repeating decimals) and compared. Equations: see the table. Answers over MAX_ANSWER_CHARS match only an
+     identical string.
+  2. Exact values (`utils/exact_math.py`): Fractions (floats once `\\sqrt` or `\\pi` appear) for numbers, `\\frac`,
+     `\\sqrt`, `\\pi`, powers, factorials and variables (at fixed rational points), in tuples, intervals, sets, lists.
+  3. Symbolic (`utils/grader_pool.py`): math-verify in both roles, decimals passed as exact fractions, after a
+     guard that refuses inputs sympy could spend unbounded work on. Conventions taken from math-verify:
+     `2\\frac{1}{3}` is a mixed number, `2^10` means 2^{10}, a trailing unit word is dropped (`5 apples` = 5).
 
-Decimals: a side written with a decimal point equals an exact value only within `REL_TOL` = 1e-6 relative, so
-`0.333` != `1/3` but `3.14159265` = `\\pi`. Exact forms are compared exactly (or to 1e-12 when irrational).
+No numeric tolerance: a decimal is the rational it spells (`1.0000001` != 1, `3.14159265` != `\\pi`,
+`0.3333333` != `\\frac13`, `0.\\overline{3}` = `\\frac13`). A decimal ground truth is an approximation only in
+that the question asked for that rounding, so the answer must spell the same value (`3.10` = `3.1` != `3.14`):
+grading is symmetric and cannot tell which side is the reference, so there is no tolerance to give either side.
 
-`grade_batch` runs stages 1-2 in the calling process and sends only unsettled items to worker processes
-(`utils/grader_pool.py`) that it kills and replaces when an item exceeds `timeout_s` (concurrent.futures cannot
-stop a running task, and SIGALRM cannot interrupt a long big-integer operation inside C). Measured with play-scripts/bench-scripts/bench_grader.py
-(5,000 seeded MATH-style responses, 2 workers, timeout 5 s): 2.2 s = 2,300 answers/s, 3.6 s under heavier load,
-98.2% settled by stages 1-2, 0 disagreements with the built-in labels; 2-core CPU container shared with other
-jobs (load average ~2.5), 2026-11-26, Python 3.11.7, sympy 1.14.0, math-verify 0.9.0, latex2sympy2_extended 1.11.0,
-pylatexenc 2.11.
+Where this grader knowingly differs from the published Dr. GRPO grader (understand-r1-zero: PRM800K-style
+normalization and sympy, math-verify when fast=False), as read from its normalization and sympy rules:
+| answers                                   | published                 | here                 | why                 |
+|-------------------------------------------|---------------------------|----------------------|---------------------|
+| `11a+c` for gold `7 = 11a+c`              | credited (short left cut) | wrong                | a side != relation  |
+| `2x+4y-3=0`, `y=-\\frac12x+\\frac34`      | wrong                     | equal (rearranged)   | the same line       |
+| `x = 5` vs `y = 5`                        | equal (both cut to 5)     | wrong                | whole relation      |
+| several `\\boxed{}`                       | last box only             | last, or all (list)  | one box per root    |
+| `Answer $ 9 $` inside `<answer>`          | whole text graded         | last math span       | one extraction rule |
+| `2, 3` vs `3, 2`; `\\{1,2\\}` vs `1, 2`   | wrong (items in order)    | equal (sets)         | find-all answers    |
+| `(3,1)` vs `1,3`                          | wrong                     | wrong; `(1,3)` equal | a tuple is ordered  |
+| `\\frac{2}{4}`, `\\frac12`; `\\frac62`, 3 | wrong (reduced/int form)  | equal                | the value counts    |
+| `0.3333333`, `\\frac13` (fast=False)      | credited (6-digit round)  | wrong                | MATH is exact       |
+| `50\\%` vs `0.5`; `28 percent`            | wrong                     | equal                | same quantity       |
+| 3+ variables, `x^{2}`, `2^10`             | sympy refuses: strings    | evaluated            | planes, polynomials |
+| 100,000 digits, `9^{9^{9}}`               | in-process, no hard limit | capped, killed       | a batch must end    |
+
+`grade_batch` runs stages 1-2 in the calling process and sends only unsettled items to worker processes that it
+kills and replaces when an item exceeds `timeout_s` (concurrent.futures cannot stop a running task, and SIGALRM
+cannot interrupt a long big-integer operation inside C). Every regex before that runs in linear time, so each
+item returns within timeout_s plus milliseconds. Speed: BENCH_LINE
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections import deque
 from fractions import Fraction
 from typing import Callable
 
 from utils.exact_math import align_tuple, braced_list, compare_relations, compare_text, fast_compare, split_top
-from utils.grader_pool import MAX_BRACE_DEPTH, MAX_SYMBOLIC_CHARS, brace_depth, refuse_symbolic, run_workers
+from utils.grader_pool import (MAX_BRACE_DEPTH, MAX_SYMBOLIC_CHARS, brace_depth, refuse_symbolic, relations_equal,
+                               run_batch, symbolic_equal)
 
 MAX_ANSWER_CHARS = 5000  # longer answers match only an identical string: MATH answers are ~200 characters, and
 # normalizing 100,000 characters of digits must not take longer than the timeout it runs before
@@ -165,9 +178,11 @@ _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|m
 _ASSIGNED = re.compile(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?")  # x, \theta, a_1, f(x)
 _MEMBERSHIP = re.compile(_ASSIGNED.pattern + r"\\in(?![a-zA-Z])")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_PERCENT_WORD = re.compile(r"(?<=[\d}]) ?(?:\\(?:text|mbox|mathrm)\{ ?)?(?:percent(?:age)?|per ?cent|pct)(?![a-zA-Z])\.?(?: ?\})?")
+_PERCENT_WORD = re.compile(r"(?<=[\d}]) ?(?:\\(?:text|mbox|mathrm)\{ ?)?(?:percent(?:age)?|per ?cent|pct)"
+                           r"(?![a-zA-Z])\.?(?: ?\})?")
 # `1 \text{ and } 2`, `19, 46, and 82`, `x=1 or x=2`: list separators (a bare word only between list items)
-_LIST_WORD = re.compile(r",? ?(?:\\text\{ ?(?:and|or) ?\}|(?<=[\d)\]}, ])(?:and|or)(?![a-zA-Z])(?= ?[-\d(\[\\{a-zA-Z])) ?")
+_LIST_WORD = re.compile(r",? ?(?:\\text\{ ?(?:and|or) ?\}|(?<=[\d)\]}, ])(?:and|or)(?![a-zA-Z])"
+                        r"(?= ?[-\d(\[\\{a-zA-Z])) ?")
 _REPEATING = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\(?:overline|bar) ?\{?(\d+)\}?")  # 0.\overline{3}, 0.1\bar{6}
 
 
@@ -250,50 +265,6 @@ def _assignment(s: str) -> tuple[str, str] | None:
     """(variable, value) when s is one equation whose left side names a single variable (`x=5`, `f(x)=2x+1`)."""
     relation = _relation(s)
     return relation if relation and _ASSIGNED.fullmatch(relation[0]) else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Stage 3: math-verify and sympy (after the guard in utils/grader_pool.py)
-
-
-def _exact_decimals(s: str) -> str:
-    """`2.5` -> `{\frac{25}{10}}`: sympy then compares the rational the decimal spells, never a rounded float."""
-    return re.sub(r"(?<![\d.])(\d*)\.(\d+)", lambda m: f"{{\\frac{{{m[1]}{m[2]}}}{{1{'0' * len(m[2])}}}}}", s)
-
-
-def _parse_latex(s: str) -> list:
-    from math_verify import parse  # imported on first use: the fast stages never need sympy
-
-    return parse(f"${_exact_decimals(s)}$", parsing_timeout=None)
-
-
-def _symbolic_equal(a: str, b: str) -> bool:
-    """math-verify equivalence in either role, on exact decimals; symmetric by construction."""
-    from math_verify import verify
-
-    try:
-        parsed_a, parsed_b = _parse_latex(a), _parse_latex(b)
-        if not parsed_a or not parsed_b:
-            return False
-        # verify(gold, target) is not symmetric: it compares a relation with an interval (`1<x<2` vs `(1,2)`)
-        # only when the target is the interval. Equivalence should not depend on which side is the reference.
-        return verify(parsed_a, parsed_b, timeout_seconds=None) or verify(parsed_b, parsed_a, timeout_seconds=None)
-    except Exception:  # sympy raises many types on malformed input; an answer it cannot read is not correct
-        return False
-
-
-def _relations_equal(diff_a: str, diff_b: str) -> bool:
-    """Whether two `left - right` expressions differ by a nonzero constant factor (the same equation, scaled)."""
-    import sympy
-
-    try:
-        parsed_a, parsed_b = _parse_latex(diff_a), _parse_latex(diff_b)
-        if not parsed_a or not parsed_b or not all(isinstance(p[0], sympy.Expr) for p in (parsed_a, parsed_b)):
-            return False
-        ratio = sympy.simplify(parsed_a[0] / parsed_b[0])
-        return bool(ratio.is_number and ratio.is_finite and ratio.is_zero is False)
-    except Exception:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,7 +351,7 @@ def grade(model_answer: str, ground_truth: str, fast: bool = True) -> bool:
     verdict, pairs, relations = _decide(model_answer, ground_truth, fast)
     if verdict is not None:
         return verdict
-    compare = _relations_equal if relations else _symbolic_equal
+    compare = relations_equal if relations else symbolic_equal
     return any(compare(x, y) for x, y in pairs)
 
 
@@ -481,28 +452,4 @@ def grade_batch(responses: list[str], ground_truths: list[str | list[str]], work
         sympy; "worker"; "timeout": over the limit, answer and reward 0; "crashed": the worker died, 0).
         A timed-out r1_zero item keeps its format_reward (its format was checked here).
     """
-    if len(responses) != len(ground_truths):
-        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    if workers < 1:
-        raise ValueError("workers must be >= 1: the per-item timeout needs a worker process it can kill")
-    if timeout_s <= 0:
-        raise ValueError("timeout_s must be > 0")
-    results: list[dict | None] = [None] * len(responses)
-    prepass = _PREPASS.get(reward_fn)
-    pending: deque[int] = deque()
-    on_failure: dict[int, dict] = {}
-    for i, (response, ground_truth) in enumerate(zip(responses, ground_truths)):
-        if prepass is None:
-            pending.append(i)
-            on_failure[i] = {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
-            continue
-        reward, settled = prepass(response, ground_truth)
-        if settled:
-            results[i] = {**reward, "timed_out": False, "settled_by": "fast"}
-        else:
-            pending.append(i)
-            on_failure[i] = reward  # answer 0, format as checked
-    if pending:
-        run_workers(pending, responses, ground_truths, reward_fn, workers, timeout_s, results, on_failure)
-    return results
+    return run_batch(responses, ground_truths, reward_fn, _PREPASS.get(reward_fn), workers, timeout_s)

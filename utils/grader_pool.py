@@ -1,8 +1,9 @@
-"""Bounds on grading work: the size guard that keeps sympy from running unbounded, and a process pool whose
-workers are killed when an item runs past its time limit.
+"""The grader's slow side, fenced in: the guard that refuses inputs sympy could spend unbounded work on, the
+math-verify/sympy calls (stage 3), and the worker processes that run them, killed when an item passes its limit.
 
-`utils.drgrpo_grader` uses both: `refuse_symbolic` before the symbolic stage, `run_workers` inside `grade_batch`
-for the items its fast stages leave unsettled.
+`utils.drgrpo_grader` decides what to compare (stages 1-2 and the policy on relations, tuples and decimals); this
+module only runs comparisons with bounded cost: `refuse_symbolic` first, then `symbolic_equal`/`relations_equal`,
+in-process for `grade` and in `run_batch`'s workers for `grade_batch`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import time
 from collections import deque
 from multiprocessing.connection import wait as wait_for_connections
+from typing import Callable
 
 from utils.exact_math import MAX_EXPONENT, MAX_FACTORIAL, Parser, Undecided, evaluate
 
@@ -115,6 +117,50 @@ def refuse_symbolic(s: str) -> bool:
             if size is not None and size > MAX_EXPONENT:
                 return True
     return False
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 3: math-verify and sympy, on inputs the guard let through
+
+
+def _exact_decimals(s: str) -> str:
+    """`2.5` -> `{\frac{25}{10}}`: sympy then compares the rational the decimal spells, never a rounded float."""
+    return re.sub(r"(?<![\d.])(\d*)\.(\d+)", lambda m: f"{{\\frac{{{m[1]}{m[2]}}}{{1{'0' * len(m[2])}}}}}", s)
+
+
+def _parse_latex(s: str) -> list:
+    from math_verify import parse  # imported on first use: the fast stages never need sympy
+
+    return parse(f"${_exact_decimals(s)}$", parsing_timeout=None)
+
+
+def symbolic_equal(a: str, b: str) -> bool:
+    """math-verify equivalence in either role, on exact decimals; symmetric by construction."""
+    from math_verify import verify
+
+    try:
+        parsed_a, parsed_b = _parse_latex(a), _parse_latex(b)
+        if not parsed_a or not parsed_b:
+            return False
+        # verify(gold, target) is not symmetric: it compares a relation with an interval (`1<x<2` vs `(1,2)`)
+        # only when the target is the interval. Equivalence should not depend on which side is the reference.
+        return verify(parsed_a, parsed_b, timeout_seconds=None) or verify(parsed_b, parsed_a, timeout_seconds=None)
+    except Exception:  # sympy raises many types on malformed input; an answer it cannot read is not correct
+        return False
+
+
+def relations_equal(diff_a: str, diff_b: str) -> bool:
+    """Whether two `left - right` expressions differ by a nonzero constant factor (the same equation, scaled)."""
+    import sympy
+
+    try:
+        parsed_a, parsed_b = _parse_latex(diff_a), _parse_latex(diff_b)
+        if not parsed_a or not parsed_b or not all(isinstance(p[0], sympy.Expr) for p in (parsed_a, parsed_b)):
+            return False
+        ratio = sympy.simplify(parsed_a[0] / parsed_b[0])
+        return bool(ratio.is_number and ratio.is_finite and ratio.is_zero is False)
+    except Exception:
+        return False
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Process pool with per-item timeout
@@ -242,3 +288,33 @@ def run_workers(items: deque[int], responses, ground_truths, reward_fn, workers:
     finally:
         for worker in pool:
             worker.close()
+
+
+def run_batch(responses: list[str], ground_truths: list, reward_fn: Callable, prepass: Callable | None,
+              workers: int | None, timeout_s: float) -> list[dict]:
+    """`utils.drgrpo_grader.grade_batch`: prepass each item here when `prepass` is given (`(response, ground_truth)
+    -> (reward, settled)`), then grade the unsettled ones in `run_workers`."""
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ValueError("workers must be >= 1: the per-item timeout needs a worker process it can kill")
+    if timeout_s <= 0:
+        raise ValueError("timeout_s must be > 0")
+    results: list[dict | None] = [None] * len(responses)
+    pending: deque[int] = deque()
+    on_failure: dict[int, dict] = {}
+    for i, (response, ground_truth) in enumerate(zip(responses, ground_truths)):
+        if prepass is None:
+            pending.append(i)
+            on_failure[i] = {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+            continue
+        reward, settled = prepass(response, ground_truth)
+        if settled:
+            results[i] = {**reward, "timed_out": False, "settled_by": "fast"}
+        else:
+            pending.append(i)
+            on_failure[i] = reward  # answer 0, format as checked
+    if pending:
+        run_workers(pending, responses, ground_truths, reward_fn, workers, timeout_s, results, on_failure)
+    return results
