@@ -278,18 +278,11 @@ def _compare_values(a: _Val, b: _Val) -> bool | None:
     return None  # a decimal this close to a radical or pi: sympy decides exactly
 
 
-_PARSED: dict[str, tuple | None] = {}  # parse cache (bounded below): list items are compared pairwise
-
-
 def _parse(text: str) -> tuple | None:
-    if text not in _PARSED:
-        if len(_PARSED) > 4096:
-            _PARSED.clear()
-        try:
-            _PARSED[text] = Parser(text).parse()
-        except (Undecided, RecursionError, ValueError):
-            _PARSED[text] = None
-    return _PARSED[text]
+    try:
+        return Parser(text).parse()
+    except (Undecided, RecursionError, ValueError):
+        return None
 
 
 def _compare_scalars(a: str, b: str) -> bool | None:
@@ -314,9 +307,8 @@ _THIRD_POINT = [Fraction(p, q) for p, q in [(43, 7), (-19, 3), (11, 17), (-47, 1
 
 
 def compare_relations(left_a: str, right_a: str, left_b: str, right_b: str) -> bool | None:
-    """Whether equations `left_a = right_a` and `left_b = right_b` are one relation: left - right of one is a
-    nonzero constant times the other's (`2x+4y-3=0` and `y=-\\frac12x+\\frac34`). Exact values only; None when
-    undecided. Different zeros or different ratios at the points prove them different."""
+    """Whether `left_a = right_a` and `left_b = right_b` are one equation: left - right of one is a nonzero constant
+    times the other's. Exact values at three points; different zeros or ratios prove them different."""
     trees = [_parse(text) for text in (left_a, right_a, left_b, right_b)]
     if any(tree is None for tree in trees):
         return None
