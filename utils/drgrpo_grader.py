@@ -40,7 +40,9 @@ normalization and sympy, math-verify when fast=False), as read from its normaliz
 `grade_batch` runs stages 1-2 in the calling process and sends only unsettled items to worker processes that it
 kills and replaces when an item exceeds `timeout_s` (concurrent.futures cannot stop a running task, and SIGALRM
 cannot interrupt a long big-integer operation inside C). Every regex before that runs in linear time, so each
-item returns within timeout_s plus milliseconds. Speed: BENCH_LINE
+item returns within timeout_s plus milliseconds. Speed (play-scripts/bench-scripts/bench_grader.py, 5,000 seeded
+MATH-style responses, 2 workers): 98.2% settled in-process in 0.53 s of CPU, the other 92 take 4.0 s of CPU in
+workers; wall time 2.2 s on an idle 2-core container (2026-11-26), 9-40 s at load average 5-7 (2026-11-29).
 """
 
 from __future__ import annotations
