@@ -134,16 +134,23 @@ def _parse_latex(s: str) -> list:
 
 
 def symbolic_equal(a: str, b: str) -> bool:
-    """math-verify equivalence in either role, on exact decimals; symmetric by construction."""
+    """math-verify equivalence on exact decimals, the same whichever side is the reference."""
     from math_verify import verify
+    from sympy import And, Set
+    from sympy.core.relational import Relational
 
     try:
         parsed_a, parsed_b = _parse_latex(a), _parse_latex(b)
         if not parsed_a or not parsed_b:
             return False
-        # verify(gold, target) is not symmetric: it compares a relation with an interval (`1<x<2` vs `(1,2)`)
-        # only when the target is the interval. Equivalence should not depend on which side is the reference.
-        return verify(parsed_a, parsed_b, timeout_seconds=None) or verify(parsed_b, parsed_a, timeout_seconds=None)
+        forward = verify(parsed_a, parsed_b, timeout_seconds=None)
+        if forward == verify(parsed_b, parsed_a, timeout_seconds=None):
+            return forward
+        # The roles disagree. The one asymmetry accepted: verify(gold, target) compares an inequality with an
+        # interval (`1<x<2` vs `(1,2)`) only when the target is the interval; any other disagreement is a
+        # one-sided reading (a relation's right side, say) and counts as not equal.
+        kinds = [(isinstance(p[0], (Relational, And)), isinstance(p[0], Set)) for p in (parsed_a, parsed_b)]
+        return (kinds[0][0] and kinds[1][1]) or (kinds[0][1] and kinds[1][0])
     except Exception:  # sympy raises many types on malformed input; an answer it cannot read is not correct
         return False
 
