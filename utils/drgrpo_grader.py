@@ -47,7 +47,6 @@ workers; wall time 2.2 s on an idle 2-core container (2026-11-26), 9-40 s at loa
 
 from __future__ import annotations
 
-import os
 import re
 from fractions import Fraction
 from typing import Callable

@@ -1,10 +1,11 @@
 """The grader's stage 2: a small exact evaluator for normalized LaTeX answers (`utils.drgrpo_grader` stage 1 output).
 
-Reads numbers, `\\frac`, `\\sqrt`, `\\pi`, `\\infty`, powers, factorials and single-letter variables (compared at
-two fixed rational points) inside tuples, intervals, sets, bare lists and pmatrix, with Fractions (floats once
-`\\sqrt` or `\\pi` appear). `fast_compare` returns a verdict only when it understood both sides and None otherwise,
-so the symbolic stage decides; `compare_text` settles answers that are words. Nothing here can run unbounded:
-exponents, factorials and exact integer sizes are capped (`MAX_EXPONENT`, `MAX_FACTORIAL`, `MAX_EXACT_BITS`).
+Reads numbers (a decimal is the exact rational it spells), `\\frac`, `\\sqrt`, `\\pi`, `\\infty`, powers, factorials
+and single-letter variables (compared at fixed rational points) inside tuples, intervals, sets, bare lists (read as
+sets) and pmatrix, with Fractions (floats once `\\sqrt` or `\\pi` appear); `compare_relations` tells whether two
+equations are one. `fast_compare` returns a verdict only when it can prove it and None otherwise, so the symbolic
+stage decides; `compare_text` settles answers that are words. Nothing here can run unbounded: exponents, factorials,
+exact integer sizes and list lengths are capped (`MAX_EXPONENT`, `MAX_FACTORIAL`, `MAX_EXACT_BITS`, `MAX_LIST_ITEMS`).
 """
 
 from __future__ import annotations
