@@ -28,7 +28,7 @@ EQUIVALENCE_CASES = [
     (r"\frac{10}{4}", "2.5", True),
     (r"\frac{1}{3}", "0.333", False),
     (r"\frac{1}{3}", "0.3333", False),
-    (r"\frac{1}{3}", "0.33333333", True),
+    (r"\frac{1}{3}", "0.33333333", False),  # MATH answers are exact: a decimal is the rational it spells
     (r"\frac{2}{3}", "0.667", False),
     ("1/2", "2", False),
     (r"\frac{1}{2}", r"\frac{2}{1}", False),
@@ -105,7 +105,7 @@ EQUIVALENCE_CASES = [
     (r"2\pi", r"\pi", False),
     (r"4\pi", "4", False),
     (r"\pi r^2", r"r^2\pi", True),
-    ("3.14159265", r"\pi", True),
+    ("3.14159265", r"\pi", False),
     ("3.14", r"\pi", False),
     (r"\pi^2", r"\pi \cdot \pi", True),
     (r"100\pi", r"10\pi", False),
@@ -250,7 +250,7 @@ def test_fast_equivalent_never_claims_more_than_grade_and_never_calls_sympy(answ
                                                                            monkeypatch):
     import utils.drgrpo_grader as G
 
-    monkeypatch.setattr(G, "_symbolic_equal", lambda a, b: pytest.fail("fast_equivalent reached sympy"))
+    monkeypatch.setattr(G, "symbolic_equal", lambda a, b: pytest.fail("fast_equivalent reached sympy"))
     verdict = fast_equivalent(answer, ground_truth)
     assert verdict is False or expected is True  # a True is always a true equivalence
     if (answer, ground_truth) in TYPICAL_MATH_PAIRS:

@@ -1,10 +1,11 @@
 """The grader's stage 2: a small exact evaluator for normalized LaTeX answers (`utils.drgrpo_grader` stage 1 output).
 
-Reads numbers, `\\frac`, `\\sqrt`, `\\pi`, `\\infty`, powers, factorials and single-letter variables (compared at
-two fixed rational points) inside tuples, intervals, sets, bare lists and pmatrix, with Fractions (floats once
-`\\sqrt` or `\\pi` appear). `fast_compare` returns a verdict only when it understood both sides and None otherwise,
-so the symbolic stage decides; `compare_text` settles answers that are words. Nothing here can run unbounded:
-exponents, factorials and exact integer sizes are capped (`MAX_EXPONENT`, `MAX_FACTORIAL`, `MAX_EXACT_BITS`).
+Reads numbers (a decimal is the exact rational it spells), `\\frac`, `\\sqrt`, `\\pi`, `\\infty`, powers, factorials
+and single-letter variables (compared at fixed rational points) inside tuples, intervals, sets, bare lists (read as
+sets) and pmatrix, with Fractions (floats once `\\sqrt` or `\\pi` appear); `compare_relations` tells whether two
+equations are one. `fast_compare` returns a verdict only when it can prove it and None otherwise, so the symbolic
+stage decides; `compare_text` settles answers that are words. Nothing here can run unbounded: exponents, factorials,
+exact integer sizes and list lengths are capped (`MAX_EXPONENT`, `MAX_FACTORIAL`, `MAX_EXACT_BITS`, `MAX_LIST_ITEMS`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import re
 from fractions import Fraction
 
-REL_TOL = 1e-6  # decimals vs exact values; 0.333 vs 1/3 differs by 1e-3 relative, rounding noise in 7+ digits passes
+MAX_LIST_ITEMS = 32  # longer lists go to the symbolic stage: item-by-item matching is quadratic in their length
 MAX_EXPONENT = 10_000  # 2^{2007} passes, 9^{9^{9}} (exponent 387,420,489) not; also bounds \binom arguments
 MAX_FACTORIAL = 1000
 MAX_EXACT_BITS = 10_000  # above this size an exact power falls back to floats (which may overflow -> undecided)
@@ -262,25 +263,34 @@ _POINTS = (
 
 
 def _compare_values(a: _Val, b: _Val) -> bool | None:
-    """Equality of two values: exact when both are exact, REL_TOL when a decimal is involved, else floats."""
+    """Equality of two values: exact when both are exact (a decimal is the exact rational it spells, so 0.3333333 is
+    not 1/3); two exact forms (radicals, pi) agreeing to 12 digits are equal; anything closer than 1e-6 that is not
+    proven equal is left to sympy."""
     if a.approx is not None and math.isinf(a.approx) or b.approx is not None and math.isinf(b.approx):
         return a.approx == b.approx
-    if a.exact is not None and b.exact is not None and (a.exact == b.exact or not (a.decimal or b.decimal)):
+    if a.exact is not None and b.exact is not None:
         return a.exact == b.exact
     if a.approx is None or b.approx is None:
         return None
-    if a.decimal or b.decimal:
-        return math.isclose(a.approx, b.approx, rel_tol=REL_TOL, abs_tol=1e-12)
-    if math.isclose(a.approx, b.approx, rel_tol=1e-12, abs_tol=1e-12):
-        return True  # exact forms (radicals, pi) agreeing to 12 digits: the same number for any MATH answer
+    if math.isclose(a.approx, b.approx, rel_tol=1e-12, abs_tol=1e-12) and not (a.decimal or b.decimal):
+        return True  # exact forms agreeing to 12 digits: the same number for any MATH answer
     if not math.isclose(a.approx, b.approx, rel_tol=1e-6, abs_tol=1e-9):
         return False
-    return None
+    return None  # a decimal this close to a radical or pi: sympy decides exactly
+
+
+def _parse(text: str) -> tuple | None:
+    try:
+        return Parser(text).parse()
+    except (Undecided, RecursionError, ValueError):
+        return None
 
 
 def _compare_scalars(a: str, b: str) -> bool | None:
+    tree_a, tree_b = _parse(a), _parse(b)
+    if tree_a is None or tree_b is None:
+        return None
     try:
-        tree_a, tree_b = Parser(a).parse(), Parser(b).parse()
         names = sorted(_variables(tree_a) | _variables(tree_b))
         if len(names) > len(_POINTS[0]):
             return None
@@ -293,10 +303,42 @@ def _compare_scalars(a: str, b: str) -> bool | None:
     return False if False in verdicts else (None if None in verdicts else True)
 
 
+_THIRD_POINT = [Fraction(p, q) for p, q in [(43, 7), (-19, 3), (11, 17), (-47, 13), (7, 19), (-5, 23), (103, 29),
+                                            (-73, 31)]]
+
+
+def compare_relations(left_a: str, right_a: str, left_b: str, right_b: str) -> bool | None:
+    """Whether `left_a = right_a` and `left_b = right_b` are one equation: left - right of one is a nonzero constant
+    times the other's. Exact values at three points; different zeros or ratios prove them different."""
+    trees = [_parse(text) for text in (left_a, right_a, left_b, right_b)]
+    if any(tree is None for tree in trees):
+        return None
+    diff_a, diff_b = ("sub", trees[0], trees[1]), ("sub", trees[2], trees[3])
+    names = sorted(_variables(diff_a) | _variables(diff_b))
+    if not names or len(names) > len(_THIRD_POINT):
+        return None
+    ratios = []
+    try:
+        for point in (*_POINTS, _THIRD_POINT):
+            env = dict(zip(names, point))
+            va, vb = evaluate(diff_a, env).exact, evaluate(diff_b, env).exact
+            if va is None or vb is None:
+                return None
+            if (va == 0) != (vb == 0):
+                return False
+            if va != 0:
+                ratios.append(vb / va)
+    except (Undecided, KeyError, ZeroDivisionError, OverflowError, ValueError, RecursionError):
+        return None
+    if len(set(ratios)) > 1:
+        return False
+    return True if len(ratios) >= 2 else None
+
+
 _OPEN, _CLOSE = ("(", "[", "{", "\\{"), (")", "]", "}", "\\}")
 
 
-def _split_top(s: str) -> list[str] | None:
+def split_top(s: str) -> list[str] | None:
     """Split on commas outside any bracket; None when brackets do not balance."""
     parts, depth, start = [], 0, 0
     for token in re.finditer(r"\\[{}]|[()\[\]{},]", s):
@@ -316,7 +358,7 @@ def _split_top(s: str) -> list[str] | None:
 
 def _encloses(s: str, open_len: int, close_len: int) -> bool:
     """Whether the first bracket of s is closed by its last one (so `(1,2)` yes, `(1)+(2)` no)."""
-    inner = _split_top(s[open_len:-close_len].replace(",", ""))
+    inner = split_top(s[open_len:-close_len].replace(",", ""))
     return inner is not None and len(s) > open_len + close_len
 
 
@@ -328,13 +370,13 @@ def _structure(s: str) -> tuple[str, object] | None:
     if "\\cup" in s or "\\begin" in s:
         return None
     if s.startswith("\\{") and s.endswith("\\}") and _encloses(s, 2, 2):
-        parts = _split_top(s[2:-2])
+        parts = split_top(s[2:-2])
         return ("set", parts) if parts else None
     if s[0] in "([" and s[-1] in ")]" and _encloses(s, 1, 1):
-        parts = _split_top(s[1:-1])
+        parts = split_top(s[1:-1])
         if parts and len(parts) > 1:
             return "seq", (s[0], s[-1], parts)
-    parts = _split_top(s)
+    parts = split_top(s)
     if parts is None:
         return None
     return ("set", parts) if len(parts) > 1 else ("scalar", s)  # a bare list answers "find all x": unordered
@@ -350,18 +392,40 @@ def _all(verdicts) -> bool | None:
 
 
 def _compare_sets(a: list[str], b: list[str]) -> bool | None:
-    if len(a) != len(b):
-        return False
-    unmatched, undecided = list(b), False
-    for x in a:
-        verdicts = [_compare_scalars(x, y) for y in unmatched]
-        if True in verdicts:
-            unmatched.pop(verdicts.index(True))
-        elif None in verdicts:
-            undecided = True
-        else:
+    """Lists as sets, as math-verify reads them (`1, 1, 2` = `2, 1`): every item of each side equals an item of the
+    other. Items may be tuples (`(1,2), (3,4)`)."""
+    if len(a) > MAX_LIST_ITEMS or len(b) > MAX_LIST_ITEMS:
+        return None
+    verdicts = [[_compare_structures(x, y) for y in b] for x in a]
+    undecided = False
+    for line in verdicts + [list(column) for column in zip(*verdicts)]:
+        if True in line:
+            continue
+        if None not in line:
             return False
+        undecided = True
     return None if undecided else True
+
+
+def braced_list(s: str) -> str:
+    """A bare list `1, 2` as the set `\\{1,2\\}` for the symbolic stage, which would read `32,349` as one number."""
+    structure = _structure(s) if s else None
+    return f"\\{{{s}\\}}" if structure and structure[0] == "set" and not s.startswith("\\{") else s
+
+
+def align_tuple(a: str, b: str) -> tuple[str, str]:
+    """An ordered tuple against a bare list or a set: the list is read as a tuple in its written order, so `(3,1)`
+    is not `1,3` (math-verify would compare them as sets) while `(1,3)` is. Other pairs come back unchanged."""
+    if not a or not b:
+        return a, b
+    sa, sb = _structure(a), _structure(b)
+    if sa is None or sb is None:
+        return a, b
+    for (x, sx), (y, sy), swap in (((a, sa), (b, sb), False), ((b, sb), (a, sa), True)):
+        if sx[0] == "seq" and sx[1][:2] == ("(", ")") and sy[0] == "set":
+            y = "(" + ",".join(sy[1]) + ")"
+            return (y, x) if swap else (x, y)
+    return a, b
 
 
 def _compare_structures(a: str, b: str) -> bool | None:
