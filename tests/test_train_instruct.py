@@ -46,7 +46,7 @@ def test_short_run_lowers_test_loss_and_writes_config(tmp_path):
     assert config["total_steps"] == 30 and config["packing"] == "concat"
     ckpt = run / "checkpoints" / "step_000030"
     assert (run / "checkpoints" / "latest").resolve() == ckpt.resolve()
-    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["trainer_state"] == {"step": 30}
+    assert torch.load(ckpt / "trainer_state" / "trainer_state.pt", weights_only=False)["trainer_state"] == {"step": 30}
     changed = _changed_from_base(run, ckpt)
     assert all(changed.values()), [k for k, c in changed.items() if not c]  # the trained weights were saved
 

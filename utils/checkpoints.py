@@ -1,7 +1,10 @@
 """Checkpoints both train scripts write and resume from: save, load, find the latest, prune, RNG states.
 
-A checkpoint is an HF `save_pretrained` folder (vLLM loads it) plus `trainer_state.pt` (optimizer, RNG states,
-step); it is written to a temp folder and renamed, so a crash mid-save never leaves a half checkpoint as latest.
+A checkpoint is an HF `save_pretrained` folder (vLLM loads it, `upload_to_hub.py` uploads it) with weights in the
+save dtype, plus a `trainer_state/` subfolder with what only resuming needs: `trainer_state.pt` (optimizer, RNG
+states, step) and, when the saved weights are narrower than the trained ones, `model.safetensors` at training
+precision. Checkpoints of the older layout (`trainer_state.pt` beside the weights) still resume. A checkpoint is
+written to a temp folder and renamed, so a crash mid-save never leaves a half checkpoint as latest.
 """
 
 from __future__ import annotations
@@ -47,6 +50,18 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+RESUME_DIR = "trainer_state"  # the subfolder of a checkpoint that only resuming reads
+
+
+def resume_state_file(path: str | Path) -> Path | None:
+    """`trainer_state.pt` of a checkpoint folder, in the current layout (`trainer_state/trainer_state.pt`) or the
+    older one (beside the weights); None when the folder has neither (not a complete checkpoint)."""
+    for cand in (Path(path) / RESUME_DIR / "trainer_state.pt", Path(path) / "trainer_state.pt"):
+        if cand.is_file():
+            return cand
+    return None
+
+
 def save_checkpoint(
     ckpt_root: str | Path,
     step: int,
@@ -57,13 +72,19 @@ def save_checkpoint(
     keep_last: int = 2,
     state_dict: dict | None = None,
     optimizer_state: dict | None = None,
+    save_dtype: str | None = None,
 ) -> Path:
     """Write `ckpt_root/step_XXXXXX/` atomically and point the `ckpt_root/latest` symlink at it; keep the newest
     `keep_last`.
 
     The folder is a complete HF model + tokenizer (loadable by vLLM and `from_pretrained`) plus
-    `trainer_state.pt` with the optimizer state, RNG states and `trainer_state` (step, data position, ...).
+    `trainer_state/trainer_state.pt` with the optimizer state, RNG states and `trainer_state` (step, data position).
     Under FSDP, rank 0 passes the consolidated `state_dict` and `optimizer_state` (see `utils.distributed`).
+
+    `save_dtype` ("bfloat16", "float16", "float32"; None = the model's own) is the dtype of the served weights, and
+    config.json says so. When it is narrower than the trained weights, those are kept at full precision in
+    `trainer_state/model.safetensors`, so a resume continues from the exact weights rather than rounded ones.
+    The tokenizer is saved as it is: set its `chat_template` first (`utils.serving.set_training_chat_template`).
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -71,8 +92,28 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+    target = unwrap_model(model)
+    full = state_dict if state_dict is not None else target.state_dict()
+    served = full
+    if save_dtype is not None:
+        from utils.serving import cast_state_dict
+
+        served = cast_state_dict(full, save_dtype)
+    narrowed = any(v.is_floating_point() and v.dtype != served[k].dtype for k, v in full.items())
+    target.save_pretrained(tmp, state_dict=dict(served))  # a copy: save_pretrained drops tied keys from its argument
+    if save_dtype is not None:
+        from utils.serving import ensure_generation_eos, write_config_dtype
+
+        write_config_dtype(tmp, save_dtype)
+        ensure_generation_eos(tmp, tokenizer.eos_token_id)
     tokenizer.save_pretrained(tmp)
+    (tmp / RESUME_DIR).mkdir()
+    if narrowed:
+        from safetensors.torch import save_file
+
+        # tied weights share storage; safetensors refuses shared tensors, so each entry gets its own
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in full.items()},
+                  str(tmp / RESUME_DIR / "model.safetensors"))  # fmt: skip
     if optimizer_state is None and optimizer is not None:
         optimizer_state = optimizer.state_dict()
     torch.save(
@@ -81,7 +122,7 @@ def save_checkpoint(
             "rng": rng_state(),
             "trainer_state": trainer_state,
         },
-        tmp / "trainer_state.pt",
+        tmp / RESUME_DIR / "trainer_state.pt",
     )
     if final.exists():
         shutil.rmtree(final)
@@ -94,7 +135,7 @@ def save_checkpoint(
     os.symlink(final.name, latest_tmp)
     os.replace(latest_tmp, root / "latest")
     if keep_last > 0:
-        done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").exists())
+        done = sorted(p for p in root.glob("step_*") if resume_state_file(p) is not None)
         for old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -106,9 +147,9 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     pointer = root / "latest"
     if pointer.is_symlink():
         cand = root / os.readlink(pointer)
-        if (cand / "trainer_state.pt").exists():
+        if resume_state_file(cand) is not None:
             return cand
-    done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").exists())
+    done = sorted(p for p in root.glob("step_*") if resume_state_file(p) is not None)
     return done[-1] if done else None
 
 
@@ -117,25 +158,31 @@ def load_checkpoint(
 ) -> dict:
     """Load weights, optimizer state and RNG states from a checkpoint folder; returns its `trainer_state` dict.
 
-    With FSDP (`dist_info.enabled`) every rank reads the consolidated files and loads its shard.
+    Weights come from `trainer_state/model.safetensors` when the checkpoint has it (full precision), else from the
+    served files. With FSDP (`dist_info.enabled`) every rank reads the consolidated files and loads its shard.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
+    full_precision = path / RESUME_DIR / "model.safetensors"
+    files = [full_precision] if full_precision.is_file() else sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights in checkpoint")
+    sharded = dist_info is not None and dist_info.enabled
+    reader = not sharded or dist_info.is_main  # under FSDP rank 0 reads and broadcasts; the others receive
     state = {}
-    for f in files:
+    for f in files if reader else []:
         state.update(load_file(f))
     target = unwrap_model(model)
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if dist_info is not None and dist_info.enabled:
+    # mmap: a rank that only needs the RNG states and the step does not page in the optimizer state
+    blob = torch.load(resume_state_file(path), map_location="cpu", weights_only=False, mmap=True)
+    if sharded:
         from utils.distributed import load_full_state
 
-        if getattr(target.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+        if reader and getattr(target.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]  # save_pretrained drops the tied copy
-        load_full_state(target, optimizer, state, blob["optimizer"])
+        saved_optimizer = optimizer if blob["optimizer"] is not None else None  # the same answer on every rank
+        load_full_state(target, saved_optimizer, state, blob["optimizer"] if reader else {}, dist_info)
     else:
         missing, unexpected = target.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if getattr(target.config, "tie_word_embeddings", False) else set()

@@ -95,15 +95,16 @@ def full_optimizer_state_dict(model, optimizer, info: DistInfo) -> dict | None:
     return sd if info.is_main else None
 
 
-def load_full_state(model, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
-    """Load consolidated model (and optimizer) state into a sharded model on every rank."""
+def load_full_state(model, optimizer, model_sd: dict, optim_sd: dict | None, info: DistInfo) -> None:
+    """Load consolidated model (and optimizer) state into a sharded model: rank 0 passes the full state dicts and
+    broadcasts them tensor by tensor; the other ranks pass empty ones and keep only their shards."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_sd, options=opts)
-    if optimizer is not None and optim_sd is not None:
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd, options=opts)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, model_sd if info.is_main else {}, options=opts)
+    if optimizer is not None:  # every rank or none: the broadcast is a collective
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd if info.is_main else {}, options=opts)
 
 
 def barrier(info: DistInfo) -> None:
@@ -119,3 +120,79 @@ def cleanup(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def read_full_state_dict(model_path, tied: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder's (or hub id's) safetensors files, on the CPU in the files' dtype (bf16 for a
+    bf16 hub model: half the bytes to broadcast); with `tied`, `lm_head.weight` is added as the embedding
+    (save_pretrained drops it)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    if not Path(model_path).is_dir():  # a hub id: the HF cache's snapshot (downloaded once, by this rank only)
+        from huggingface_hub import snapshot_download
+
+        model_path = snapshot_download(str(model_path), allow_patterns=["*.safetensors", "*.json"])
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_path}: no *.safetensors weights (rank-0 loading reads safetensors only)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def _rebuild_rotary_buffers(model: torch.nn.Module, device: str) -> None:
+    """Recompute the non-persistent buffers `to_empty` left uninitialized: HF's rotary embeddings (`inv_freq`,
+    `original_inv_freq`) are derived from the config and are in no checkpoint. Any other module with such buffers is
+    refused, since its values could not be restored."""
+    for name, module in model.named_modules():
+        if not module._non_persistent_buffers_set:
+            continue
+        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
+            raise RuntimeError(f"{name} ({type(module).__name__}) has non-persistent buffers "
+                               f"{sorted(module._non_persistent_buffers_set)} that rank-0 loading cannot restore")
+        with torch.device(device):
+            fresh = type(module)(config=module.config)
+        for buf in module._non_persistent_buffers_set:
+            setattr(module, buf, getattr(fresh, buf))
+
+
+def build_sharded_from_rank0(model_path, dtype: torch.dtype, info: DistInfo, precision: str, prepare=None):
+    """The policy sharded with FSDP2, with only rank 0 reading the weights: every rank builds the model on the meta
+    device (no memory, no init), shards it, allocates its own shards on `info.device`, and receives them from rank 0
+    (`set_model_state_dict(..., broadcast_from_rank0=True)`, one tensor at a time, cast into the shards' dtype).
+
+    Eight ranks each reading an 8B checkpoint would hold 8 full copies in host memory at once; here one does.
+
+    Args:
+        model_path: a local HF folder with safetensors weights (rank 0 reads them).
+        dtype: the training weights' dtype (fp32 master weights or bf16), whatever the files hold.
+        info: from `init_distributed` (enabled).
+        precision: resolved precision for `shard_model`.
+        prepare: called with the meta model before sharding (attention backend, gradient checkpointing, compile).
+
+    Returns:
+        the sharded model, parameters are DTensors on `info.device`.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.name_or_path = str(model_path)  # vLLM and the tokenizer look the folder up here, as after from_pretrained
+    if prepare is not None:
+        prepare(model)
+    shard_model(model, info, precision)
+    model.to_empty(device=info.device)
+    _rebuild_rotary_buffers(model, info.device)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    full = read_full_state_dict(model_path, tied) if info.is_main else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if tied:  # to_empty gave the head its own storage; tie it back to the (loaded) embedding, as from_pretrained does
+        model.tie_weights()
+    return model
