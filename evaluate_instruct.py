@@ -25,7 +25,7 @@ import json
 import re
 from pathlib import Path
 
-from utils.cli_flags import add_engine_flags
+from utils.cli_flags import add_engine_flags, check_engine_flags
 
 ALL_CONFIGS = [f"data/eval_configs/{b}.yaml" for b in ("gsm8k", "mmlu", "sst", "alpaca_eval")]
 JUDGED = ("sst", "alpaca_eval")
@@ -45,7 +45,7 @@ PROMPT_FORMATS = {
     "alpaca": ("data/alpaca_sft.prompt", ["### Instruction:"]),
 }
 ENGINE_KEYS = ("engine", "dtype", "device", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "enforce_eager",
-               "seed")  # fmt: skip
+               "seed", "tensor_parallel_size")  # fmt: skip
 PER_BENCHMARK_KEYS = ("data", "task_prompt", "judge_prompt")  # meaningless across several configs
 
 
@@ -234,6 +234,7 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
     from utils.helper_fns import check_writable_dir, seed_everything, write_json
     from utils.inference import SamplingConfig, make_engine
     from utils.judges import JudgeUnavailable, run_judging
+    from utils.serving import choose_eval_dtype
 
     model = args.model
     if Path(model).is_symlink():  # e.g. checkpoints/latest: records must name the step they came from
@@ -257,6 +258,7 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
         else:
             stop_why = "given"
         check_run(s)
+        check_engine_flags(s.device, s.tensor_parallel_size, s.data_parallel_size)
         benchmark = build_benchmark(s)
         try:
             examples = benchmark.load_examples(s.data, s.max_examples)
@@ -282,7 +284,9 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
                 if own_engine is None or key != engine_key:
                     if own_engine is not None:
                         own_engine.close()
-                    own_engine = make_engine(model, engine=s.engine, seed=s.seed, dtype=s.dtype,
+                    own_engine = make_engine(model, engine=s.engine, seed=s.seed,
+                                             dtype=choose_eval_dtype(s.dtype, model, s.device),
+                                             tensor_parallel_size=s.tensor_parallel_size,
                                              gpu_memory_utilization=s.gpu_memory_utilization,
                                              max_model_len=None if s.max_model_len < 0 else s.max_model_len,
                                              max_num_seqs=s.max_num_seqs, device=s.device,

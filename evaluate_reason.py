@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from utils.cli_flags import add_deprecated_alias, add_engine_flags
+from utils.cli_flags import add_deprecated_alias, add_engine_flags, check_engine_flags
 
 # YAML keys of renamed flags, still read under the new name (--config)
 RENAMED_KEYS = {"prompt": "prompt_template", "output": "output_dir"}
@@ -108,6 +108,7 @@ def check_args(args: argparse.Namespace) -> None:
                          "a 20-problem sample: data/sft-reason/sample_val.jsonl")
     if not Path(args.prompt_template).exists():
         raise SystemExit(f"--prompt-template {args.prompt_template}: file not found")
+    check_engine_flags(args.device, args.tensor_parallel_size, args.data_parallel_size)
 
 
 def default_output_dir(args: argparse.Namespace) -> str:
@@ -121,6 +122,7 @@ def main(args: argparse.Namespace) -> dict:
     from utils.benchmarks.base import generation_settings, load_resumable
     from utils.helper_fns import check_writable_dir, load_prompt, seed_everything, write_json
     from utils.inference import SamplingConfig, make_engine
+    from utils.serving import choose_eval_dtype
 
     check_args(args)
     args.output_dir = args.output_dir or default_output_dir(args)
@@ -142,7 +144,9 @@ def main(args: argparse.Namespace) -> dict:
     print(f"math: {len(examples)} problems x {args.n_samples} samples = {len(examples) * args.n_samples} generations "
           f"({sum(ex['index'] in done for ex in examples)} problems already done) -> {out}")  # fmt: skip
     write_json(out / "config.json", vars(args))
-    engine = make_engine(args.model, engine=args.engine, seed=args.seed, dtype=args.dtype,
+    engine = make_engine(args.model, engine=args.engine, seed=args.seed,
+                         dtype=choose_eval_dtype(args.dtype, args.model, args.device),
+                         tensor_parallel_size=args.tensor_parallel_size,
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          max_model_len=None if args.max_model_len < 0 else args.max_model_len,
                          max_num_seqs=args.max_num_seqs, device=args.device,

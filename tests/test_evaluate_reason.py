@@ -384,6 +384,8 @@ def test_evaluate_reason_greedy_vllm_and_hf_give_the_same_records(tiny_qwen_dir,
          r"missing\.jsonl: file not found \(download it: python play-scripts"),
         (["--chunk-size", "0"], "--chunk-size 0"),
         (["--top-p", "0"], "--top-p 0"),
+        (["--data-parallel-size", "2"], "cannot run data parallel inside one process. Run one evaluation per GPU"),
+        (["--tensor-parallel-size", "2", "--device", "cpu"], "--tensor-parallel-size 2 needs CUDA GPUs"),
     ],
 )  # fmt: skip
 def test_evaluate_reason_rejects_bad_flags_before_loading_a_model(tmp_path, extra, message):

@@ -63,7 +63,7 @@ def add_engine_flags(group) -> None:
     group.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto",
                        help="auto = vLLM when importable, else HF transformers")
     group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                       help="auto = the checkpoint's dtype")
+                       help="auto = the checkpoint's dtype, but bfloat16 for a float32 checkpoint on CUDA")
     group.add_argument("--device", default=None, help="cuda:N to pick a GPU (default: cuda:0 if available, else cpu)")
     group.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory (0-1)")
     group.add_argument("--max-model-len", type=int, default=-1,
@@ -71,6 +71,38 @@ def add_engine_flags(group) -> None:
     group.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded concurrently (HF: batch size)")
     group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                        help="vLLM without CUDA graphs / compile warm-up (faster start, slower decode)")
+    group.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="vLLM: GPUs one model is split over (CUDA; e.g. 2 for a model one GPU cannot hold)")
+    group.add_argument("--data-parallel-size", type=int, default=1,
+                       help="vLLM data parallel: only 1 in one process (see the error for what to do instead)")
+
+
+def check_engine_flags(device: str | None, tensor_parallel_size: int, data_parallel_size: int) -> None:
+    """Refuse parallel settings the in-process engine cannot run, before any model loads.
+
+    `vllm.LLM` raises for data_parallel_size > 1 outside TPU / external launchers ("not supported for single-process
+    usage and may hang", vllm/entrypoints/llm.py), so it is refused here with the alternative. Tensor parallel needs
+    CUDA and spans GPUs 0..N-1 of the visible ones, which a single `--device cuda:N` cannot express.
+    """
+    if tensor_parallel_size < 1 or data_parallel_size < 1:
+        raise SystemExit("--tensor-parallel-size and --data-parallel-size must be >= 1")
+    if data_parallel_size > 1:
+        raise SystemExit(f"--data-parallel-size {data_parallel_size}: vllm.LLM cannot run data parallel inside one "
+                         "process. Run one evaluation per GPU instead, each in its own process, e.g. "
+                         "CUDA_VISIBLE_DEVICES=0 python <script> ... & CUDA_VISIBLE_DEVICES=1 python <script> ... "
+                         "(different checkpoints, benchmarks or --data files), or split one model over GPUs with "
+                         "--tensor-parallel-size")  # fmt: skip
+    if tensor_parallel_size > 1:
+        import torch
+
+        if not torch.cuda.is_available() or (device is not None and not str(device).startswith("cuda")):
+            raise SystemExit(f"--tensor-parallel-size {tensor_parallel_size} needs CUDA GPUs")
+        if device is not None and str(device).startswith("cuda:"):
+            raise SystemExit(f"--tensor-parallel-size {tensor_parallel_size} with --device {device}: tensor parallel "
+                             "uses the first N visible GPUs; choose them with CUDA_VISIBLE_DEVICES instead of --device")
+        if tensor_parallel_size > torch.cuda.device_count():
+            raise SystemExit(f"--tensor-parallel-size {tensor_parallel_size}: only {torch.cuda.device_count()} GPUs "
+                             "are visible")
 
 
 def parse_with_presets(parser, presets: dict[str, dict], argv: list[str] | None):
@@ -100,3 +132,28 @@ def add_deprecated_alias(group, old: str, new: str, dest: str | None = None, **k
     same `dest` (default: `new`'s), and using it prints `<old> is deprecated: use <new>` on stderr."""
     dest = dest or new.lstrip("-").replace("-", "_")
     group.add_argument(old, dest=dest, action=_DeprecatedAlias, new_flag=new, **kwargs)
+
+
+def add_gpu_node_flags(group, colocated_vllm: bool) -> None:
+    """Flags both train scripts share for runs on a real GPU node: the served checkpoint's dtype, the memory plan,
+    wandb placement and (`colocated_vllm`: the reasoning trainer) vLLM sleep between in-loop evaluations."""
+    group.add_argument("--save-dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                       help="dtype of the saved (served, uploaded) weights; auto = the base model's declared dtype "
+                            "(bf16 for Qwen2.5 / Llama-3). Resume keeps full precision in trainer_state/")
+    group.add_argument("--plan-only", action="store_true",
+                       help="print the per-GPU memory plan for these flags and exit (0 = fits, 3 = does not); "
+                            "reads only the model's config.json")
+    group.add_argument("--gpu-memory-gib", type=float, default=0,
+                       help="plan for a GPU of this many GiB (0 = the visible GPU's memory; H100 80, H200 141)")
+    group.add_argument("--wandb-entity", default="", help="wandb team or user of the mirrored run (empty = default)")
+    group.add_argument("--wandb-tags", default="", help="comma-separated wandb tags, e.g. 'sft,qwen1.5b'")
+    if colocated_vllm:
+        group.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=None,
+                           help="put the colocated vLLM engine to sleep (level 1) between evaluations, so training "
+                                "gets its memory back (default: on when vLLM shares the policy's GPU on CUDA; "
+                                "not applicable on CPU)")
+
+
+def wandb_tags(text: str) -> list[str]:
+    """`--wandb-tags "a, b"` -> ["a", "b"]."""
+    return [t.strip() for t in text.split(",") if t.strip()]

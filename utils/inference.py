@@ -50,7 +50,7 @@ def _vllm_importable() -> tuple[bool, str]:
 def make_engine(model_path_or_policy, engine: str = "auto", tokenizer=None, seed: int = 0, dtype: str = "auto",
                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, max_num_seqs: int = 256,
                 device: str | None = None, enable_sleep_mode: bool = False,
-                enforce_eager: bool = False) -> InferenceEngine:  # fmt: skip
+                enforce_eager: bool = False, tensor_parallel_size: int = 1) -> InferenceEngine:  # fmt: skip
     """Build a generation engine and print one line saying which backend runs and why.
 
     Args:
@@ -61,7 +61,8 @@ def make_engine(model_path_or_policy, engine: str = "auto", tokenizer=None, seed
         tokenizer: defaults to the one saved with the model.
         seed: sampling seed of the engine.
         dtype: "auto" = the checkpoint's dtype; or "bfloat16" / "float16" / "float32". Ignored for a live module.
-        gpu_memory_utilization, max_model_len, max_num_seqs, device, enable_sleep_mode, enforce_eager: see `init_vllm`.
+        gpu_memory_utilization, max_model_len, max_num_seqs, device, enable_sleep_mode, enforce_eager,
+            tensor_parallel_size: see `init_vllm`.
             For HF, `max_num_seqs` is the batch size, `device` where a loaded model goes (None: cuda if available).
     """
     if engine not in ("auto", "vllm", "hf"):
@@ -97,7 +98,7 @@ def make_engine(model_path_or_policy, engine: str = "auto", tokenizer=None, seed
         dtype = str(next(model_path_or_policy.parameters()).dtype).removeprefix("torch.")
     llm = init_vllm(model_path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                     max_num_seqs=max_num_seqs, dtype=dtype, device=device, enable_sleep_mode=enable_sleep_mode,
-                    enforce_eager=enforce_eager)  # fmt: skip
+                    enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size)  # fmt: skip
     vllm_engine = VLLMEngine(llm, tokenizer or _load_tokenizer(model_path), model_name=name,
                              sleep_mode=enable_sleep_mode, device=device)  # fmt: skip
     if is_module:

@@ -21,7 +21,7 @@ class ReasonValidator:
                  precision: str, sampling, *, val_size: int = -1, val_seed: int = 0, num_samples_logged: int = 20,
                  grader_workers: int = 2, micro_batch_size: int = 2, chunk_size: int = 0, engine: str = "auto",
                  engine_seed: int = 0, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
-                 vllm_device: str | None = None):
+                 vllm_device: str | None = None, vllm_sleep: bool = False):
         """Fix the val subset, its prompts and the grader; the engine starts at the first `run`.
 
         Args:
@@ -36,6 +36,8 @@ class ReasonValidator:
             micro_batch_size, chunk_size: batching and lm-head chunking of the teacher-forced loss.
             engine, engine_seed, gpu_memory_utilization, max_model_len, vllm_device: `utils.inference.make_engine`'s
                 `engine`, `seed`, `gpu_memory_utilization`, `max_model_len` (None = the model's) and `device`.
+            vllm_sleep: build vLLM with sleep mode and put it to sleep (level 1) after each evaluation, so training
+                steps get its memory back (`resolve_vllm_sleep`; CUDA only).
         """
         from utils.benchmarks.math import MathBenchmark
 
@@ -43,7 +45,8 @@ class ReasonValidator:
         self.device, self.precision = device, precision
         self.micro_batch_size, self.chunk_size = micro_batch_size, chunk_size
         self.engine_settings = dict(engine=engine, seed=engine_seed, gpu_memory_utilization=gpu_memory_utilization,
-                                    max_model_len=max_model_len, device=vllm_device)
+                                    max_model_len=max_model_len, device=vllm_device,
+                                    enable_sleep_mode=vllm_sleep)  # fmt: skip
         self.samples_dir = Path(run_dir) / "samples"
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         order = list(range(len(val_records)))
@@ -76,8 +79,14 @@ class ReasonValidator:
         from utils.training import teacher_forced_eval
 
         engine = self._get_engine()
-        engine.load_weights(self.policy)
+        if self.engine_settings["enable_sleep_mode"]:
+            import torch
+
+            # the training steps' cached blocks go back to the driver first, or waking vLLM finds its share taken
+            torch.cuda.empty_cache()
+        engine.load_weights(self.policy)  # wakes a sleeping engine, then syncs the current weights
         completions = [c[0] for c in engine.generate(self.prompts, self.sampling)]
+        engine.sleep()  # a no-op unless the engine was built with sleep mode
         examples = [{"problem": r["problem"], "expected_answer": r["expected_answer"]} for r in self.records]
         scored = self.benchmark.score(examples, completions)
         summary = self.benchmark.summarize(scored)
@@ -117,3 +126,29 @@ class ReasonValidator:
         if self._engine is not None and hasattr(self._engine, "close"):
             self._engine.close()
         self._engine = None
+
+
+def resolve_vllm_sleep(requested: bool | None, engine: str, policy_device: str, vllm_device: str | None) -> tuple[bool, str]:
+    """Whether the in-loop vLLM engine sleeps between evaluations, and why (one printable clause).
+
+    Default (`requested` None): on when vLLM shares the policy's GPU, where its weights and KV cache would otherwise
+    sit beside the optimizer state through every training step. Never off CUDA or with the HF engine: vLLM's sleep
+    mode is CUDA only (`init_vllm` refuses it), and the HF engine is the live policy, with nothing to free.
+    """
+    if not policy_device.startswith("cuda"):
+        return False, f"not applicable on {policy_device} (vLLM sleep mode needs CUDA)"
+    if engine == "hf":
+        return False, "not applicable with --engine hf (it generates with the live policy)"
+
+    colocated = _gpu_index(vllm_device) == _gpu_index(policy_device)
+    if requested is None:
+        return colocated, ("on: vLLM shares the policy's GPU" if colocated else
+                           f"off: vLLM has its own GPU ({vllm_device})")  # fmt: skip
+    return requested, "--vllm-sleep" if requested else "--no-vllm-sleep"
+
+
+def _gpu_index(device: str | None) -> int:
+    """"cuda:N" -> N; "cuda" and None (vLLM's default) -> 0, the current device of a process that set none."""
+    import torch
+
+    return 0 if device is None else (torch.device(device).index or 0)

@@ -71,7 +71,8 @@ def cuda_device_scope(device):
 
 def init_vllm(model_path, seed: int, gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
               max_num_seqs: int = 256, dtype: str = "auto", device: str | None = None,
-              enable_sleep_mode: bool = False, enforce_eager: bool = False):  # fmt: skip
+              enable_sleep_mode: bool = False, enforce_eager: bool = False,
+              tensor_parallel_size: int = 1):  # fmt: skip
     """Create an in-process vLLM engine (`vllm.LLM`).
 
     Args:
@@ -89,6 +90,8 @@ def init_vllm(model_path, seed: int, gpu_memory_utilization: float = 0.85, max_m
         enable_sleep_mode: allow `llm.sleep()` / `llm.wake_up()` (CUDA only: vLLM raises on CPU, so it is refused
             there before vLLM is asked).
         enforce_eager: skip CUDA graphs / torch.compile warm-up (starts in ~5 s instead of ~30 s on CPU).
+        tensor_parallel_size: GPUs the model is split over (CUDA; the first N visible ones, so not with `device`).
+            vLLM starts one worker process per GPU; weight sync from a training policy is single-GPU only.
     """
     if enable_sleep_mode and not torch.cuda.is_available():
         raise ValueError("vLLM sleep mode needs CUDA; on CPU build the engine with enable_sleep_mode=False")
@@ -97,6 +100,8 @@ def init_vllm(model_path, seed: int, gpu_memory_utilization: float = 0.85, max_m
     if dtype == "auto":
         dtype = checkpoint_dtype(model_path)
     kwargs: dict[str, Any] = {}
+    if tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = tensor_parallel_size
     if device is not None and str(device).startswith("cuda:"):
         kwargs["device_ids"] = [int(str(device).split(":")[1])]
     previous = torch.cuda.current_device() if torch.cuda.is_available() else None
@@ -246,9 +251,13 @@ class VLLMEngine(InferenceEngine):
             self._asleep = True
 
     def wake_up(self) -> None:
+        """Reallocate a sleeping engine's weights and KV cache; raise if vLLM reports it is not fully awake."""
         if self._asleep:
             with cuda_device_scope(self.device):
-                self.llm.wake_up()
+                awake = self.llm.wake_up()
+            if awake is False:  # vLLM >= 0.2x returns whether every tag is awake; older versions return None
+                raise RuntimeError("vLLM did not fully wake up (weights or KV cache not reallocated); is enough GPU "
+                                   "memory free? Training memory must be released (torch.cuda.empty_cache) first")
             self._asleep = False
 
     def close(self) -> None:
