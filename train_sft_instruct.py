@@ -25,8 +25,8 @@ import math
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_deprecated_alias, add_run_flags, add_speed_flags, check_speed_flags,
-                             parse_with_presets)
+from utils.cli_flags import (add_deprecated_alias, add_gpu_node_flags, add_run_flags, add_speed_flags,
+                             check_speed_flags, parse_with_presets, wandb_tags)
 
 PRESETS = {
     "demo": dict(
@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="seed of row order and model init (tiny)")
     g.add_argument("--run-name", default="", help="default: instruct_<model>_<mask|nomask>_<timestamp>")
     add_run_flags(g)
+    add_gpu_node_flags(p.add_argument_group("GPU node: saved dtype, memory plan, wandb"), colocated_vllm=False)
     return parse_with_presets(p, PRESETS, argv)
 
 
@@ -107,7 +108,23 @@ def check_args(args: argparse.Namespace) -> None:
                              "(download: python play-scripts/data-scripts/download_data.py --only sft-instruct)")
 
 
+def plan_memory_or_stop(args: argparse.Namespace, device: str, world_size: int, verbose: bool = True) -> None:
+    """The per-GPU memory plan of these flags on `world_size` FSDP ranks, printed before loading on CUDA (and with
+    --plan-only anywhere: `WORLD_SIZE=8 python train_sft_instruct.py --plan-only ...` plans an 8-GPU run); stops a
+    run that cannot fit."""
+    from utils.memory_plan import TrainSetup, check_memory_plan, device_memory_bytes
+    from utils.training import resolve_precision
+
+    plan_device = device if device.startswith("cuda") else "cuda"  # --plan-only on a CPU box plans for a GPU
+    setup = TrainSetup(precision=resolve_precision(args.precision, plan_device), world_size=world_size,
+                       micro_batch_size=args.micro_batch_size, seq_len=args.max_seq_len,
+                       gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size)
+    check_memory_plan(args.model, setup, device_memory_bytes(args.gpu_memory_gib, device), args.plan_only, verbose)
+
+
 def main(args: argparse.Namespace) -> dict:
+    import os
+
     import torch
 
     from utils import distributed as D
@@ -116,23 +133,40 @@ def main(args: argparse.Namespace) -> dict:
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
     from utils.packing import rows_to_batch
+    from utils.progress import TrainProgress
     from utils.metrics_logger import MetricsLogger, format_step_line
-    from utils.model_setup import compile_decoder_layers, load_policy
+    from utils.model_setup import apply_liger_kernels, compile_decoder_layers, load_policy
+    from utils.serving import adds_bos, resolve_save_dtype, set_training_chat_template
     from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, evaluate_loss,
                                 gpu_step_metrics, lr_at_step, matmul_parameters, model_dtype_for, resolve_precision,
                                 step_flop_counts, train_step, training_flops)
 
+    if args.plan_only:  # before the data checks and before joining a process group: only config.json is read
+        plan_memory_or_stop(args, pick_device(args.device), int(os.environ.get("WORLD_SIZE", "1")))
     check_args(args)
     info = D.init_distributed(pick_device(args.device))
     device = info.device
     precision = resolve_precision(args.precision, device)
     check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
+    plan_memory_or_stop(args, device, info.world_size, verbose=info.is_main)
     mask = "mask" if args.mask_prompt else "nomask"
     run_name = args.run_name or f"instruct_{Path(args.model).name}_{mask}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = Path(args.output_dir) / run_name
     if info.is_main:
         check_writable_dir(run_dir, "--output-dir")
     D.barrier(info)
+
+    def prepare_for_sharding(meta_model):
+        """What `load_policy` does to a loaded model, done to the meta one before FSDP wraps it (Liger: after)."""
+        from utils.doc_attention import set_attention_backend
+
+        set_attention_backend(meta_model, args.attention, device)
+        if args.gradient_checkpointing:
+            meta_model.gradient_checkpointing_enable()
+            meta_model.config.use_cache = False
+        if args.compile:  # before sharding, as torchtitan does
+            say(f"compile: {compile_decoder_layers(meta_model)} decoder layers (torch.compile, first steps are slow)")
+
     ckpt_dir = run_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_dir) if args.resume else None
     if args.resume and resume_from is None:
@@ -145,10 +179,21 @@ def main(args: argparse.Namespace) -> dict:
     if info.is_main:
         load_policy(args.model, run_dir, "llama", texts, torch.float32, "cpu", args.seed, build_model=False)
     D.barrier(info)
+    # Under FSDP only rank 0 reads the weights; every rank builds the model on the meta device and receives its shards
     model, tokenizer, model_path = load_policy(args.model, run_dir, "llama", texts, model_dtype_for(precision), device,
                                                args.seed, args.gradient_checkpointing, attention=args.attention,
-                                               liger=args.liger)
+                                               liger=args.liger, build_model=not info.enabled)
+    if info.enabled:
+        model = D.build_sharded_from_rank0(model_path, model_dtype_for(precision), info, precision,
+                                           prepare=prepare_for_sharding)
+        if args.liger:
+            apply_liger_kernels(model)
     template = load_prompt(args.prompt_template)
+    # the checkpoints' chat template renders one instruction into the training document's prompt part, BOS included
+    # when training's tokenization adds it (Llama-3), and an assistant turn ends in EOS as documents do
+    set_training_chat_template(tokenizer, template, "{instruction}", with_bos=adds_bos(tokenizer), with_eos=True)
+    save_dtype = resolve_save_dtype(args.save_dtype, model_path)
+    say(f"checkpoints: weights saved in {save_dtype} (--save-dtype {args.save_dtype}), Alpaca chat template")
     ds_kwargs = dict(seq_length=args.max_seq_len, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
                      cache_dir=args.cache_dir or None)
     # Rank 0 tokenizes (and caches) first; the other ranks then read its cache instead of repeating the work.
@@ -164,15 +209,13 @@ def main(args: argparse.Namespace) -> dict:
         f"{rows_per_step} ({rows_per_step * args.max_seq_len} tokens); {steps} steps; packing {args.packing}; "
         f"precision {precision} on {device}")
 
-    # MFU inputs (utils.training.MFU_FORMULA), read before any FSDP sharding or compile wrapping hides them
+    # MFU inputs (utils.training.MFU_FORMULA); a sharded model's DTensors report their global sizes
     n_matmul, n_layers = matmul_parameters(model), model.config.num_hidden_layers
-    attn_width, policy_device = attention_width(model.config), next(model.parameters()).device
+    attn_width, policy_device = attention_width(model.config), torch.device(device)
     if device.startswith("cuda"):
         say(f"{MFU_FORMULA}; peak {args.peak_tflops:g} TFLOP/s (--peak-tflops)")
-    if args.compile:
+    if args.compile and not info.enabled:
         say(f"compile: {compile_decoder_layers(model)} decoder layers (torch.compile, first steps are slow)")
-    if info.enabled:
-        D.shard_model(model, info, precision)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     start_step = 0
     if resume_from is not None:
@@ -180,10 +223,11 @@ def main(args: argparse.Namespace) -> dict:
         say(f"resumed from {resume_from} at step {start_step}")
     config = dict(vars(args), run_dir=str(run_dir), resolved_model=str(model_path), device=device,
                   world_size=info.world_size, resolved_precision=precision, total_steps=steps, train_rows=len(train_ds),
-                  test_rows=len(test_ds))
+                  test_rows=len(test_ds), resolved_save_dtype=save_dtype)
     logger = None
     if info.is_main:
-        logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None)
+        logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None,
+                               wandb_entity=args.wandb_entity, wandb_tags=wandb_tags(args.wandb_tags))
     if logger is not None and resume_from is not None:
         logger.truncate_after(start_step)
 
@@ -208,7 +252,7 @@ def main(args: argparse.Namespace) -> dict:
         path = None
         if info.is_main:
             path = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last,
-                                   state_dict=sd, optimizer_state=osd)
+                                   state_dict=sd, optimizer_state=osd, save_dtype=save_dtype)
         D.barrier(info)
         return path
 
@@ -218,6 +262,7 @@ def main(args: argparse.Namespace) -> dict:
     stream = ExampleStream(len(train_ds), args.seed)
     local_rows = args.micro_batch_size * args.gradient_accumulation_steps
     last_good = resume_from
+    progress = TrainProgress(steps, start_step, rows_per_step * args.max_seq_len, enabled=info.is_main)
     try:
         for step in range(start_step + 1, steps + 1):
             step_rows = stream.indices((step - 1) * rows_per_step, rows_per_step)
@@ -236,13 +281,16 @@ def main(args: argparse.Namespace) -> dict:
                 tokens, pairs = step_flop_counts(micro)
                 flops = training_flops(n_matmul, n_layers, attn_width, tokens, pairs)
                 metrics.update(gpu_step_metrics(flops, stats["step_time_s"], args.peak_tflops, policy_device))
-            say(format_step_line(step, metrics), flush=True)
+            if info.is_main:
+                progress.write(format_step_line(step, metrics))
+            progress.update(rows_per_step * args.max_seq_len)  # every row is exactly --max-seq-len tokens
             log(metrics, step)
             if args.eval_every > 0 and (step % args.eval_every == 0 or step == steps):
                 history.append({"step": step, **run_eval(step)})
             if step == steps or (args.save_every > 0 and step % args.save_every == 0):
                 last_good = save(step)
     finally:
+        progress.close()
         if logger is not None:
             logger.close()
         D.cleanup(info)

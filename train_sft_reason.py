@@ -30,8 +30,8 @@ import math
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_deprecated_alias, add_run_flags, add_speed_flags, check_speed_flags,
-                             parse_with_presets)
+from utils.cli_flags import (add_deprecated_alias, add_gpu_node_flags, add_run_flags, add_speed_flags,
+                             check_speed_flags, parse_with_presets, wandb_tags)
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
@@ -120,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=1337, help="seed of data order, model init (tiny) and sampling")
     g.add_argument("--run-name", default="", help="default: reason_<model>_<n>ex_<timestamp>")
     add_run_flags(g)
+    add_gpu_node_flags(p.add_argument_group("GPU node: saved dtype, memory plan, vLLM sleep, wandb"),
+                       colocated_vllm=True)  # fmt: skip
     args = parse_with_presets(p, PRESETS, argv)
     if "min_lr_ratio" in vars(args):  # the deprecated relative spelling, turned into the absolute one
         args.min_lr = args.lr * vars(args).pop("min_lr_ratio")
@@ -146,6 +148,25 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{f.replace('_', '-')} {getattr(args, f)}: file not found{hint}")
 
 
+def plan_memory_or_stop(args: argparse.Namespace, device: str, vllm_sleep: bool) -> None:
+    """The per-GPU memory plan of these flags, printed before loading on CUDA (and with --plan-only anywhere);
+    stops a run that cannot fit. vLLM's share counts when it is colocated on the policy's GPU."""
+    from utils.memory_plan import TrainSetup, check_memory_plan, device_memory_bytes
+    from utils.reason_validation import _gpu_index
+    from utils.training import resolve_precision
+
+    plan_device = device if device.startswith("cuda") else "cuda"  # --plan-only on a CPU box plans for a GPU
+    colocated = args.engine != "hf" and args.eval_every > 0 and _gpu_index(args.vllm_device) == _gpu_index(plan_device)
+    bfd = args.packing == "bfd"
+    setup = TrainSetup(precision=resolve_precision(args.precision, plan_device), world_size=1,
+                       micro_batch_size=1 if bfd else args.micro_batch_size,
+                       seq_len=args.pack_tokens if bfd else args.max_seq_len,
+                       gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size,
+                       vllm_share=args.gpu_memory_utilization if colocated else 0.0,
+                       vllm_sleeps=vllm_sleep or (args.plan_only and args.vllm_sleep is not False and colocated))
+    check_memory_plan(args.model, setup, device_memory_bytes(args.gpu_memory_gib, device), args.plan_only)
+
+
 def main(args: argparse.Namespace) -> dict:
     from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.data_order import ExampleStream
@@ -155,15 +176,23 @@ def main(args: argparse.Namespace) -> dict:
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.model_setup import compile_decoder_layers, load_policy
     from utils.packing import make_packed_micro_batches
-    from utils.reason_validation import ReasonValidator
+    from utils.progress import TrainProgress
+    from utils.reason_validation import ReasonValidator, resolve_vllm_sleep
+    from utils.serving import resolve_save_dtype, set_training_chat_template
     from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, gpu_step_metrics,
                                 lr_at_step, matmul_parameters, model_dtype_for, resolve_precision, step_flop_counts,
                                 train_step, training_flops)
 
-    check_args(args)
     device = pick_device(args.device)
+    vllm_sleep, sleep_why = resolve_vllm_sleep(args.vllm_sleep, args.engine, device, args.vllm_device)
+    if args.plan_only:  # before the data checks: a plan needs only the model's config.json
+        plan_memory_or_stop(args, device, vllm_sleep)
+    check_args(args)
     precision = resolve_precision(args.precision, device)
     check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
+    plan_memory_or_stop(args, device, vllm_sleep)
+    if args.eval_every > 0:
+        print(f"vLLM sleep between evaluations: {'on' if vllm_sleep else 'off'} ({sleep_why})")
     run_name = args.run_name or f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = check_writable_dir(Path(args.output_dir) / run_name, "--output-dir")
     ckpt_dir = run_dir / "checkpoints"
@@ -183,6 +212,10 @@ def main(args: argparse.Namespace) -> dict:
                                                model_dtype_for(precision), device, args.seed,
                                                args.gradient_checkpointing, attention=args.attention,
                                                liger=args.liger)
+    # the checkpoints' chat template renders one question into the training prompt (no BOS: training adds none)
+    set_training_chat_template(tokenizer, template, "{question}", with_bos=False, with_eos=False)
+    save_dtype = resolve_save_dtype(args.save_dtype, model_path)
+    print(f"checkpoints: weights saved in {save_dtype} (--save-dtype {args.save_dtype}), r1_zero chat template")
     kept, lengths = drop_overlong(prompts, responses, tokenizer, args.max_seq_len)
     n_dropped = len(prompts) - len(kept)
     prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
@@ -206,8 +239,9 @@ def main(args: argparse.Namespace) -> dict:
         print(f"resumed from {resume_from} at step {start_step}")
     config = dict(vars(args), run_dir=str(run_dir), resolved_model=str(model_path), device=device,
                   resolved_precision=precision, total_steps=steps, train_examples=len(prompts),
-                  dropped_overlong=n_dropped)
-    logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None)
+                  dropped_overlong=n_dropped, resolved_save_dtype=save_dtype, resolved_vllm_sleep=vllm_sleep)
+    logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None,
+                           wandb_entity=args.wandb_entity, wandb_tags=wandb_tags(args.wandb_tags))
     if resume_from is not None:
         logger.truncate_after(start_step)
     if args.compile:
@@ -220,13 +254,15 @@ def main(args: argparse.Namespace) -> dict:
                                 num_samples_logged=args.num_samples_logged, grader_workers=args.grader_workers,
                                 micro_batch_size=args.micro_batch_size, chunk_size=args.chunk_size, engine=args.engine,
                                 engine_seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
-                                max_model_len=args.max_seq_len + args.max_tokens, vllm_device=args.vllm_device)
+                                max_model_len=args.max_seq_len + args.max_tokens, vllm_device=args.vllm_device,
+                                vllm_sleep=vllm_sleep)
     if start_step == 0 and args.eval_every > 0:
         validator.run(0, logger)
 
     stream = ExampleStream(len(prompts), args.seed)
     warmup = int(args.warmup_ratio * steps)
     last_good = resume_from
+    progress = TrainProgress(steps, start_step, batch * sum(lengths) / max(1, len(lengths)))
     try:
         for step in range(start_step + 1, steps + 1):
             idx = stream.indices((step - 1) * batch, batch)
@@ -248,13 +284,16 @@ def main(args: argparse.Namespace) -> dict:
                 tokens, pairs = step_flop_counts(micro)
                 flops = training_flops(n_matmul, n_layers, attn_width, tokens, pairs)
                 metrics.update(gpu_step_metrics(flops, stats["step_time_s"], args.peak_tflops, policy_device))
-            print(format_step_line(step, metrics), flush=True)
+            progress.write(format_step_line(step, metrics))
+            progress.update(stats["tokens"])
             logger.log(metrics, step)
             if args.eval_every > 0 and (step % args.eval_every == 0 or step == steps):
                 validator.run(step, logger)
             if step == steps or (args.save_every > 0 and step % args.save_every == 0):
-                last_good = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last)
+                last_good = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last,
+                                            save_dtype=save_dtype)
     finally:
+        progress.close()
         validator.close()
         logger.close()
     validator.print_table()

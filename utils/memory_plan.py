@@ -205,3 +205,68 @@ def read_model_config(model: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SystemExit(f"{path}: not readable as JSON ({e})") from None
+
+
+def find_model_config(model: str) -> dict:
+    """config.json of `model`: a local folder's, else a hub id's from the local HF cache or downloaded alone (one
+    small file: a plan never fetches weights or a tokenizer)."""
+    if Path(model).is_dir():
+        return read_model_config(model)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model, "config.json")).read_text(encoding="utf-8"))
+    except Exception as e:  # offline, unknown id, gated repo: all the same to the user
+        raise SystemExit(f"--model {model}: cannot read its config.json ({type(e).__name__}: {e}); the memory plan "
+                         f"needs it: point --model at a local folder holding config.json") from None
+
+
+def device_memory_bytes(gpu_memory_gib: float, device: str) -> int | None:
+    """Bytes of the GPU to plan for: `--gpu-memory-gib` when > 0, else the CUDA device's total; None on CPU."""
+    if gpu_memory_gib > 0:
+        return int(gpu_memory_gib * GIB)
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return None
+
+
+def check_memory_plan(model: str, setup: TrainSetup, device_bytes: int | None, plan_only: bool,
+                      verbose: bool = True) -> MemoryPlan | None:
+    """Print the plan (see `format_plan`) before the model loads and stop a run that cannot fit.
+
+    Args:
+        model: the `--model` folder or hub id (only its config.json is read).
+        setup: the run's precision, parallelism, batch and colocated vLLM share.
+        device_bytes: memory of the GPU planned for (`device_memory_bytes`); None = no GPU and none named, so no plan
+            (a CPU run) unless `plan_only`, which then asks for --gpu-memory-gib.
+        plan_only: print and exit, status 0 when it fits and 3 when it does not.
+        verbose: print the plan (False on FSDP ranks other than 0: every rank decides, one prints).
+
+    Raises:
+        SystemExit: with `plan_only` always; otherwise when the plan does not fit, naming the options that do.
+    """
+    if device_bytes is None:
+        if plan_only:
+            raise SystemExit("--plan-only on a machine without CUDA: give --gpu-memory-gib (e.g. 80 for an H100)")
+        return None
+    if model == "tiny":
+        if plan_only:
+            raise SystemExit("--plan-only --model tiny: the tiny model is built at run time (a few MB); nothing to plan")
+        return None
+    shape = ModelShape.from_config(find_model_config(model), name=str(model))
+    plan = plan_memory(shape, setup, device_bytes)
+    options = [] if plan.fits else options_that_fit(shape, setup, device_bytes)
+    if verbose:
+        print(format_plan(plan), flush=True)
+    if verbose and not plan.fits:
+        print("  options that fit (one change each): " + ("; ".join(options) if options else
+                                                          "none of the single changes; combine them"), flush=True)
+    if plan_only:
+        raise SystemExit(0 if plan.fits else 3)
+    if not plan.fits:
+        raise SystemExit(f"memory plan: the run needs ~{plan.peak_bytes / GIB:.1f} GiB per GPU and the GPU has "
+                         f"{device_bytes / GIB:.1f} GiB; stopped before loading the model. Options above; "
+                         f"--gpu-memory-gib overrides the device size if the estimate is wrong for your GPU")
+    return plan
