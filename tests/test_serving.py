@@ -109,3 +109,17 @@ def test_float32_save_keeps_no_second_copy(model_and_batch, tmp_path):
 def test_eval_dtype_bf16_on_cuda_for_fp32_checkpoints(tiny_qwen_dir, requested, on_cuda, expected):
     dtype, why = resolve_eval_dtype(requested, tiny_qwen_dir, on_cuda)
     assert dtype == expected and why
+
+
+def test_only_the_rotary_reload_warning_is_dropped():
+    import logging
+
+    from utils.vllm_engine import HarmlessReloadWarningFilter
+
+    def record(layer):
+        return logging.LogRecord(HarmlessReloadWarningFilter.LOGGER, logging.WARNING, "layerwise.py", 266,
+                                 "%s: Failed to load weights", (layer,), None)  # fmt: skip
+
+    f = HarmlessReloadWarningFilter()
+    assert not f.filter(record("RotaryEmbedding")) and not f.filter(record("Llama3RotaryEmbedding"))
+    assert f.filter(record("QKVParallelLinear")) and f.filter(record("VocabParallelEmbedding"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 from typing import Any
 
@@ -122,6 +123,31 @@ def init_vllm(model_path, seed: int, gpu_memory_utilization: float = 0.85, max_m
             torch.cuda.set_device(previous)
 
 
+class HarmlessReloadWarningFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning, printed on every in-place weight reload.
+
+    Its source: vllm/model_executor/model_loader/reload/layerwise.py (`finalize_layerwise_processing`) warns for any
+    layer whose tensors, buffers included, received no checkpoint tensor during a reload. A rotary embedding's only
+    tensor is its `cos_sin_cache` buffer, computed from the config (rope theta, head size) and absent from every
+    checkpoint, so it never receives one; vLLM then puts the layer's existing tensors back, which for this buffer are
+    the correct values. The same warning for any other layer (a weight the policy did not send) still shows.
+    """
+
+    LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        harmless = (record.msg == "%s: Failed to load weights" and bool(record.args)
+                    and str(record.args[0]).endswith("RotaryEmbedding"))  # fmt: skip
+        return not harmless
+
+
+def quiet_harmless_reload_warnings() -> None:
+    """Install `HarmlessReloadWarningFilter` on vLLM's reload logger (once per process)."""
+    logger = logging.getLogger(HarmlessReloadWarningFilter.LOGGER)
+    if not any(isinstance(f, HarmlessReloadWarningFilter) for f in logger.filters):
+        logger.addFilter(HarmlessReloadWarningFilter())
+
+
 def load_policy_into_vllm_instance(policy, llm, check_prompt_ids: list[int] | None = None,
                                    check_max_tokens: int = 8, check_tolerance: float = 0.0,
                                    vllm_device: str | None = None) -> None:  # fmt: skip
@@ -146,6 +172,7 @@ def load_policy_into_vllm_instance(policy, llm, check_prompt_ids: list[int] | No
         RuntimeError: when the check finds vLLM disagreeing with the policy.
     """
     weights = list(policy_state_dict(policy).items())
+    quiet_harmless_reload_warnings()
     with cuda_device_scope(vllm_device):
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         reset = llm.reset_prefix_cache()
