@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def main(args: argparse.Namespace) -> dict:
     import torch
 
     from utils import distributed as D
-    from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+    from utils.checkpoints import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.data_order import ExampleStream
     from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
@@ -247,12 +248,20 @@ def main(args: argparse.Namespace) -> dict:
         return m
 
     def save(step):
+        # Under FSDP: the served weights consolidated on rank 0; the resume state (fp32 model and AdamW moments) in
+        # shards that every rank writes, never gathered (torch.distributed.checkpoint), moved into the checkpoint.
         sd = D.full_model_state_dict(model, info)
-        osd = D.full_optimizer_state_dict(model, optimizer, info) if info.enabled else None
+        staging = ckpt_dir / f".{checkpoint_name(step)}.dcp.tmp" if info.enabled else None
+        if staging is not None:
+            if info.is_main and staging.exists():
+                shutil.rmtree(staging)
+            D.barrier(info)
+            D.save_sharded_state(model, optimizer, staging)
+            D.barrier(info)
         path = None
         if info.is_main:
             path = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last,
-                                   state_dict=sd, optimizer_state=osd, save_dtype=save_dtype)
+                                   state_dict=sd, save_dtype=save_dtype, sharded_state=staging)
         D.barrier(info)
         return path
 

@@ -30,16 +30,19 @@ def run(tmp_path, tiny_qwen_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
     opt = torch.optim.AdamW(model.parameters())
-    save_checkpoint(run_dir / "checkpoints", 2, model, tok, opt, {"step": 2})
+    # bf16 served weights: trainer_state/ then holds the fp32 weights too, beside the optimizer and RNG states
+    save_checkpoint(run_dir / "checkpoints", 2, model, tok, opt, {"step": 2}, save_dtype="bfloat16")
     return run_dir
 
 
 def test_dry_run_lists_model_files_and_card_never_trainer_state(run, capsys):
     folder = run / "checkpoints" / "latest"
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    assert "trainer_state.pt" in before
+    resume_files = {p.name for p in (folder / "trainer_state").iterdir()}
+    assert resume_files == {"trainer_state.pt", "model.safetensors"}
     result = upload.main(upload.parse_args([str(folder), "--repo-id", "me/demo", "--dry-run"]))
-    expected = sorted(name for name in before if name != "trainer_state.pt") + ["README.md"]
+    assert not any(name.startswith("trainer_state") for name in result["files"])
+    expected = sorted(before) + ["README.md"]  # every top-level file: the served model, tokenizer, configs
     assert sorted(result["files"]) == sorted(expected) and "model.safetensors" in result["files"]
     assert result["private"] is True
     card = result["card"]
@@ -80,7 +83,7 @@ def test_upload_sends_one_commit_with_the_listed_files(run, monkeypatch):
     dry = upload.main(upload.parse_args([str(folder), "--repo-id", "me/demo", "--dry-run"]))
     upload.main(upload.parse_args([str(folder), "--repo-id", "me/demo"]))
     assert calls["token"] == "secret" and calls["repo"] == ("me/demo", "model", True, True)
-    assert calls["paths"] == sorted(dry["files"]) and "trainer_state.pt" not in calls["paths"]
+    assert calls["paths"] == sorted(dry["files"]) and not any("trainer_state" in p for p in calls["paths"])
     assert calls["message"] == "Upload demo step 2"
 
 

@@ -73,6 +73,7 @@ def save_checkpoint(
     state_dict: dict | None = None,
     optimizer_state: dict | None = None,
     save_dtype: str | None = None,
+    sharded_state: str | Path | None = None,
 ) -> Path:
     """Write `ckpt_root/step_XXXXXX/` atomically and point the `ckpt_root/latest` symlink at it; keep the newest
     `keep_last`.
@@ -85,6 +86,10 @@ def save_checkpoint(
     config.json says so. When it is narrower than the trained weights, those are kept at full precision in
     `trainer_state/model.safetensors`, so a resume continues from the exact weights rather than rounded ones.
     The tokenizer is saved as it is: set its `chat_template` first (`utils.serving.set_training_chat_template`).
+
+    `sharded_state`: a folder every FSDP rank wrote with `utils.distributed.save_sharded_state` (model and optimizer
+    shards); it is moved into `trainer_state/dcp/` and replaces both the optimizer state in trainer_state.pt and the
+    full-precision weights copy.
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -108,7 +113,10 @@ def save_checkpoint(
         ensure_generation_eos(tmp, tokenizer.eos_token_id)
     tokenizer.save_pretrained(tmp)
     (tmp / RESUME_DIR).mkdir()
-    if narrowed:
+    if sharded_state is not None:
+        os.replace(sharded_state, tmp / RESUME_DIR / "dcp")
+        optimizer, optimizer_state = None, None
+    elif narrowed:
         from safetensors.torch import save_file
 
         # tied weights share storage; safetensors refuses shared tensors, so each entry gets its own
@@ -121,6 +129,7 @@ def save_checkpoint(
             "optimizer": optimizer_state,
             "rng": rng_state(),
             "trainer_state": trainer_state,
+            "sharded": sharded_state is not None,
         },
         tmp / RESUME_DIR / "trainer_state.pt",
     )
@@ -158,12 +167,21 @@ def load_checkpoint(
 ) -> dict:
     """Load weights, optimizer state and RNG states from a checkpoint folder; returns its `trainer_state` dict.
 
-    Weights come from `trainer_state/model.safetensors` when the checkpoint has it (full precision), else from the
-    served files. With FSDP (`dist_info.enabled`) every rank reads the consolidated files and loads its shard.
+    A checkpoint with `trainer_state/dcp/` (written under FSDP) loads model and optimizer from those shards, on any
+    number of ranks. Otherwise weights come from `trainer_state/model.safetensors` when the checkpoint has it (full
+    precision), else from the served files. With FSDP (`dist_info.enabled`) every rank reads the consolidated files and loads its shard.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
+    target = unwrap_model(model)
+    if (path / RESUME_DIR / "dcp").is_dir():  # FSDP's sharded state: resharded to this run's ranks, one included
+        from utils.distributed import load_sharded_state
+
+        load_sharded_state(target, optimizer, path / RESUME_DIR / "dcp")
+        blob = torch.load(resume_state_file(path), map_location="cpu", weights_only=False)
+        set_rng_state(blob["rng"])
+        return blob["trainer_state"]
     full_precision = path / RESUME_DIR / "model.safetensors"
     files = [full_precision] if full_precision.is_file() else sorted(path.glob("*.safetensors"))
     if not files:
@@ -173,7 +191,6 @@ def load_checkpoint(
     state = {}
     for f in files if reader else []:
         state.update(load_file(f))
-    target = unwrap_model(model)
     # mmap: a rank that only needs the RNG states and the step does not page in the optimizer state
     blob = torch.load(resume_state_file(path), map_location="cpu", weights_only=False, mmap=True)
     if sharded:

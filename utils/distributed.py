@@ -196,3 +196,27 @@ def build_sharded_from_rank0(model_path, dtype: torch.dtype, info: DistInfo, pre
     if tied:  # to_empty gave the head its own storage; tie it back to the (loaded) embedding, as from_pretrained does
         model.tie_weights()
     return model
+
+
+def save_sharded_state(model, optimizer, folder) -> None:
+    """Every rank writes its own shards of the model and AdamW state into `folder` (torch.distributed.checkpoint):
+    no rank gathers the full fp32 optimizer state, and the files reload on any number of ranks, one included."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+
+
+def load_sharded_state(model, optimizer, folder) -> None:
+    """Load `save_sharded_state`'s files into `model` and `optimizer`, resharded to this run's ranks (or into a plain
+    model in one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # the target layout; the optimizer state is initialized
+    state = {"model": model_sd, "optim": optim_sd}
+    import torch.distributed as dist
+
+    dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())  # one process: say so, no warning
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
