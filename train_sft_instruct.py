@@ -143,7 +143,8 @@ def main(args: argparse.Namespace) -> dict:
                                 step_flop_counts, train_step, training_flops)
 
     if args.plan_only:  # before the data checks and before joining a process group: only config.json is read
-        plan_memory_or_stop(args, pick_device(args.device), int(os.environ.get("WORLD_SIZE", "1")))
+        plan_memory_or_stop(args, pick_device(args.device), int(os.environ.get("WORLD_SIZE", "1")),
+                            verbose=os.environ.get("RANK", "0") == "0")  # under torchrun: one rank prints
     check_args(args)
     info = D.init_distributed(pick_device(args.device))
     device = info.device
