@@ -148,22 +148,23 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{f.replace('_', '-')} {getattr(args, f)}: file not found{hint}")
 
 
-def plan_memory_or_stop(args: argparse.Namespace, device: str, vllm_sleep: bool) -> None:
+def plan_memory_or_stop(args: argparse.Namespace, device: str) -> None:
     """The per-GPU memory plan of these flags, printed before loading on CUDA (and with --plan-only anywhere);
-    stops a run that cannot fit. vLLM's share counts when it is colocated on the policy's GPU."""
+    stops a run that cannot fit. vLLM's share counts when it is colocated on the policy's GPU, and not during
+    training steps when it sleeps."""
     from utils.memory_plan import TrainSetup, check_memory_plan, device_memory_bytes
-    from utils.reason_validation import _gpu_index
+    from utils.reason_validation import gpu_index, resolve_vllm_sleep
     from utils.training import resolve_precision
 
     plan_device = device if device.startswith("cuda") else "cuda"  # --plan-only on a CPU box plans for a GPU
-    colocated = args.engine != "hf" and args.eval_every > 0 and _gpu_index(args.vllm_device) == _gpu_index(plan_device)
+    colocated = args.engine != "hf" and args.eval_every > 0 and gpu_index(args.vllm_device) == gpu_index(plan_device)
     bfd = args.packing == "bfd"
     setup = TrainSetup(precision=resolve_precision(args.precision, plan_device), world_size=1,
                        micro_batch_size=1 if bfd else args.micro_batch_size,
                        seq_len=args.pack_tokens if bfd else args.max_seq_len,
                        gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size,
                        vllm_share=args.gpu_memory_utilization if colocated else 0.0,
-                       vllm_sleeps=vllm_sleep or (args.plan_only and args.vllm_sleep is not False and colocated))
+                       vllm_sleeps=resolve_vllm_sleep(args.vllm_sleep, args.engine, plan_device, args.vllm_device)[0])
     check_memory_plan(args.model, setup, device_memory_bytes(args.gpu_memory_gib, device), args.plan_only)
 
 
@@ -184,13 +185,13 @@ def main(args: argparse.Namespace) -> dict:
                                 train_step, training_flops)
 
     device = pick_device(args.device)
-    vllm_sleep, sleep_why = resolve_vllm_sleep(args.vllm_sleep, args.engine, device, args.vllm_device)
     if args.plan_only:  # before the data checks: a plan needs only the model's config.json
-        plan_memory_or_stop(args, device, vllm_sleep)
+        plan_memory_or_stop(args, device)
     check_args(args)
     precision = resolve_precision(args.precision, device)
     check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
-    plan_memory_or_stop(args, device, vllm_sleep)
+    plan_memory_or_stop(args, device)
+    vllm_sleep, sleep_why = resolve_vllm_sleep(args.vllm_sleep, args.engine, device, args.vllm_device)
     if args.eval_every > 0:
         print(f"vLLM sleep between evaluations: {'on' if vllm_sleep else 'off'} ({sleep_why})")
     run_name = args.run_name or f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
@@ -215,7 +216,8 @@ def main(args: argparse.Namespace) -> dict:
     # the checkpoints' chat template renders one question into the training prompt (no BOS: training adds none)
     set_training_chat_template(tokenizer, template, "{question}", with_bos=False, with_eos=False)
     save_dtype = resolve_save_dtype(args.save_dtype, model_path)
-    print(f"checkpoints: weights saved in {save_dtype} (--save-dtype {args.save_dtype}), r1_zero chat template")
+    print(f"checkpoints: weights saved in {save_dtype} (--save-dtype {args.save_dtype}); chat template = "
+          f"{args.prompt_template}")
     kept, lengths = drop_overlong(prompts, responses, tokenizer, args.max_seq_len)
     n_dropped = len(prompts) - len(kept)
     prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]

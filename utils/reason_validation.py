@@ -140,14 +140,14 @@ def resolve_vllm_sleep(requested: bool | None, engine: str, policy_device: str, 
     if engine == "hf":
         return False, "not applicable with --engine hf (it generates with the live policy)"
 
-    colocated = _gpu_index(vllm_device) == _gpu_index(policy_device)
+    colocated = gpu_index(vllm_device) == gpu_index(policy_device)
     if requested is None:
         return colocated, ("on: vLLM shares the policy's GPU" if colocated else
                            f"off: vLLM has its own GPU ({vllm_device})")  # fmt: skip
     return requested, "--vllm-sleep" if requested else "--no-vllm-sleep"
 
 
-def _gpu_index(device: str | None) -> int:
+def gpu_index(device: str | None) -> int:
     """"cuda:N" -> N; "cuda" and None (vLLM's default) -> 0, the current device of a process that set none."""
     import torch
 
