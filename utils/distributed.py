@@ -3,6 +3,10 @@
 Each rank holds a shard of parameters, gradients and AdamW state; an 8B model's fp32 AdamW state (~96 GB with master
 weights and gradients) does not fit one 80 GB GPU, so the instruction trainer shards it. On CPU the gloo backend runs
 the same code path, which is how the tests check it.
+
+Only rank 0 reads a checkpoint (`build_sharded_from_rank0`, `load_full_state`): the others build the model on the
+meta device and receive their shards. Resume state is written as per-rank shards (`save_sharded_state`), never
+gathered, and reloads on any number of ranks; the served weights are consolidated on rank 0.
 """
 
 from __future__ import annotations
