@@ -318,6 +318,7 @@ def test_evaluate_reason_end_to_end_on_the_bundled_sample(tiny_qwen_dir, tmp_pat
     summary = main(args)
     printed = capsys.readouterr().out
     assert "inference:" in printed and "accuracy" in printed and "generated tokens/s" in printed
+    assert "dtype: float32 (the checkpoint's dtype)" in printed  # CPU keeps an fp32 checkpoint in fp32, and says so
 
     assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(vars(args)))
     records = read_records(out / "records.jsonl")
