@@ -169,7 +169,8 @@ def load_checkpoint(
 
     A checkpoint with `trainer_state/dcp/` (written under FSDP) loads model and optimizer from those shards, on any
     number of ranks. Otherwise weights come from `trainer_state/model.safetensors` when the checkpoint has it (full
-    precision), else from the served files. With FSDP (`dist_info.enabled`) every rank reads the consolidated files and loads its shard.
+    precision), else from the served files; with FSDP (`dist_info.enabled`) rank 0 reads them and broadcasts, and
+    each rank keeps its shard.
     """
     from safetensors.torch import load_file
 
