@@ -15,11 +15,14 @@ import torch
 
 
 def rng_state() -> dict:
+    """Every RNG the training loop may draw from, as tensors and plain Python values only, so that the state loads
+    with `torch.load(weights_only=True)` (numpy's key array is stored as an int64 tensor)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -28,14 +31,49 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    random.setstate(_as_tuples(state["python"]))
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # older checkpoints stored the array
+        np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    """random.setstate wants the nested tuples random.getstate gave (a JSON or pickle round trip may make lists)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    """Read `trainer_state.pt` without running code from it: `weights_only=True` admits tensors, containers and plain
+    values (plus numpy's array reconstruction, which older checkpoints of this repo used for the numpy RNG).
+
+    Raises:
+        SystemExit: naming the file when it holds anything else (a tampered or foreign file is never unpickled).
+    """
+    import pickle
+
+    allowed = []
+    try:
+        import numpy as np
+
+        from numpy._core.multiarray import _reconstruct
+
+        allowed = [np.dtype, np.ndarray, _reconstruct, type(np.dtype("uint32"))]
+    except ImportError:
+        pass
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:200]
+        raise SystemExit(f"{path}: refused to load: it holds objects other than tensors and plain values ({first}). "
+                         f"Checkpoints written by this repo never do; a file that does could run code when "
+                         f"unpickled") from None  # fmt: skip
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,18 +109,24 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if optimizer_state is None and optimizer is not None:
-        optimizer_state = optimizer.state_dict()
-    torch.save(
-        {
-            "optimizer": optimizer_state,
-            "rng": rng_state(),
-            "trainer_state": trainer_state,
-        },
-        tmp / "trainer_state.pt",
-    )
+    try:
+        unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        torch.save(
+            {
+                "optimizer": optimizer_state,
+                "rng": rng_state(),
+                "trainer_state": trainer_state,
+            },
+            tmp / "trainer_state.pt",
+        )
+    except OSError as e:  # a full disk, a quota: say so, and leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(root)
+        raise SystemExit(f"checkpoint at step {step} not saved: {e.strerror or e} while writing {tmp}; the partial "
+                         f"folder was removed. Last complete checkpoint: {last or 'none'}") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -127,9 +171,15 @@ def load_checkpoint(
         raise FileNotFoundError(f"{path}: no *.safetensors weights in checkpoint")
     state = {}
     for f in files:
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except Exception as e:  # safetensors raises its own error type for a truncated or corrupt file
+            others = [p.name for p in sorted(path.parent.glob("step_*")) if p.resolve() != path.resolve()
+                      and (p / "trainer_state.pt").exists()]  # fmt: skip
+            raise SystemExit(f"{f}: unreadable weights ({type(e).__name__}: {e}); the checkpoint is damaged. "
+                             f"Other complete checkpoints in {path.parent}: {', '.join(others) or 'none'}") from None
     target = unwrap_model(model)
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    blob = load_trainer_state(path / "trainer_state.pt")
     if dist_info is not None and dist_info.enabled:
         from utils.distributed import load_full_state
 

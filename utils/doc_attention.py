@@ -22,6 +22,7 @@ import inspect
 
 import torch
 
+from utils.packing import cu_seqlens_from_position_ids
 
 ATTENTION_BACKENDS = ("varlen", "sdpa", "flex")
 VARLEN_IMPLEMENTATION = "sft_varlen"  # the names registered with transformers' AttentionInterface
