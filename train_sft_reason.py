@@ -147,25 +147,40 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Check the flags, claim the run folder (utils.run_dir: one run per folder, locked while it trains), train."""
+    from utils.run_dir import RunLock, check_resume_config, check_run_name, prepare_run_dir
+
+    check_args(args)
+    run_name = check_run_name(args.run_name) if args.run_name else \
+        f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
+    run_dir = prepare_run_dir(args.output_dir, run_name, args.resume, args.overwrite)
+    with RunLock(run_dir):
+        if args.resume:  # "device" is saved resolved ("auto" -> "cpu"): compared once resolved, in train()
+            settings = {k: v for k, v in vars(args).items() if k != "device"}
+            check_resume_config(run_dir, settings, allowed_changes=args.allow_config_change)
+        return train(args, run_dir)
+
+
+def train(args: argparse.Namespace, run_dir: Path) -> dict:
+    """The run itself, in a folder `main` has claimed."""
     from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.data_order import ExampleStream
     from utils.dataloader import drop_overlong, format_prompts, load_reason_records, make_micro_batches, select_examples
-    from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
+    from utils.helper_fns import load_prompt, pick_device, seed_everything
     from utils.inference import SamplingConfig
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.model_setup import compile_decoder_layers, load_policy
     from utils.packing import make_packed_micro_batches
     from utils.reason_validation import ReasonValidator
+    from utils.run_dir import record_config
     from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, gpu_step_metrics,
                                 lr_at_step, matmul_parameters, model_dtype_for, resolve_precision, step_flop_counts,
                                 train_step, training_flops)
 
-    check_args(args)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
-    run_name = args.run_name or f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
-    run_dir = check_writable_dir(Path(args.output_dir) / run_name, "--output-dir")
+    run_name = run_dir.name
     ckpt_dir = run_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_dir) if args.resume else None
     if args.resume and resume_from is None:
@@ -207,6 +222,7 @@ def main(args: argparse.Namespace) -> dict:
     config = dict(vars(args), run_dir=str(run_dir), resolved_model=str(model_path), device=device,
                   resolved_precision=precision, total_steps=steps, train_examples=len(prompts),
                   dropped_overlong=n_dropped)
+    record_config(run_dir, config, resume=resume_from is not None, allowed_changes=args.allow_config_change)
     logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None)
     if resume_from is not None:
         logger.truncate_after(start_step)

@@ -18,6 +18,11 @@ def add_run_flags(group) -> None:
     group.add_argument("--keep-last", type=int, default=2, help="newest checkpoints kept (0 = all)")
     group.add_argument("--resume", action="store_true",
                        help="continue <output-dir>/<run-name> from its latest checkpoint")
+    group.add_argument("--overwrite", action="store_true",
+                       help="the run folder holds another run: move it aside (renamed, never deleted)")
+    group.add_argument("--allow-config-change", type=lambda s: [k.strip().replace("-", "_") for k in s.split(",")],
+                       default=[], metavar="KEY[,KEY]",
+                       help="--resume: settings allowed to differ from the run's config.json (recorded)")
     group.add_argument("--wandb-project", default="", help="mirror metrics to this wandb project (empty = local only)")
     group.add_argument("--peak-tflops", type=float, default=989.0,
                        help="accelerator bf16 dense peak for MFU on CUDA (H100/H200 SXM: 989)")
