@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from utils.inference import add_engine_flags
@@ -96,15 +95,12 @@ def _build_parser(suppress: bool) -> argparse.ArgumentParser:
 
 
 def _load_config(path: str, known: set[str]) -> dict:
-    import yaml
+    from utils.benchmarks.eval_config import load_eval_config
 
-    if not Path(path).exists():
-        raise SystemExit(f"--config {path}: file not found")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - known - {"benchmark", "sample_data"})
-    if unknown:
-        raise SystemExit(f"--config {path}: unknown keys {unknown}; keys are this script's flags")
+    try:
+        values = load_eval_config(path, known, extra_keys=("benchmark", "sample_data"))
+    except ValueError as e:
+        raise SystemExit(f"--config {e}") from None
     if "benchmark" not in values:
         raise SystemExit(f"--config {path}: no `benchmark` key")
     return values
@@ -187,7 +183,7 @@ def check_run(s: argparse.Namespace) -> None:
 
 
 def judge_config(s: argparse.Namespace):
-    from utils.judges import JudgeConfig
+    from utils.benchmarks.judges import JudgeConfig
 
     return JudgeConfig(base_url=s.judge_base_url, model=s.judge_model, api_key_env=s.judge_api_key_env,
                        max_concurrency=s.judge_max_concurrency, max_retries=s.judge_max_retries,
@@ -198,6 +194,7 @@ def judge_config(s: argparse.Namespace):
 def build_benchmark(s: argparse.Namespace):
     """The registry's benchmark object for one settings Namespace."""
     from utils.benchmarks import REGISTRY
+    from utils.benchmarks.eval_config import model_slug
     from utils.helper_fns import load_prompt
 
     frame = frame_template(s)
@@ -206,21 +203,19 @@ def build_benchmark(s: argparse.Namespace):
         return cls(frame_template=frame, task_template=load_prompt(s.task_prompt) if s.task_prompt else None)
     if s.benchmark == "sst":
         return cls(frame_template=frame, judge_system_prompt=load_prompt(s.judge_prompt) if s.judge_prompt else None)
-    return cls(frame_template=frame, generator=s.generator or _model_label(s.model))
-
-
-def _model_label(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model)
+    return cls(frame_template=frame, generator=s.generator or model_slug(s.model))
 
 
 def default_output_dir(model: str) -> tuple[str, str]:
     """(folder, why): `<run>/eval/<checkpoint>` for a `<run>/checkpoints/<checkpoint>` folder (the layout the plot
     scripts read), else `results/eval_instruct_<model>`."""
+    from utils.benchmarks.eval_config import model_slug
+
     path = Path(model)
     if path.exists() and path.resolve().parent.name == "checkpoints":
         resolved = path.resolve()  # `latest` is a link to the newest step_XXXXXX
         return str(resolved.parent.parent / "eval" / resolved.name), "a checkpoint of a training run"
-    return f"results/eval_instruct_{_model_label(model)}", "not a <run>/checkpoints/ folder"
+    return f"results/eval_instruct_{model_slug(model)}", "not a <run>/checkpoints/ folder"
 
 
 def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
@@ -233,7 +228,7 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
     from utils.benchmarks import run_benchmark
     from utils.helper_fns import check_writable_dir, seed_everything, write_json
     from utils.inference import SamplingConfig, make_engine
-    from utils.judges import JudgeUnavailable, run_judging
+    from utils.benchmarks.judges import JudgeUnavailable, run_judging
 
     model = args.model
     if Path(model).is_symlink():  # e.g. checkpoints/latest: records must name the step they came from

@@ -28,7 +28,7 @@ from utils.benchmarks.gsm8k import numbers_equal, parse_last_number
 from utils.benchmarks.mmlu import parse_mmlu_letter
 from utils.helper_fns import REPO_ROOT, load_prompt, read_jsonl
 from utils.inference import Completion, InferenceEngine
-from utils.judges import model_goes_first, parse_safety_verdict
+from utils.benchmarks.judges import model_goes_first, parse_safety_verdict
 
 CONFIGS = REPO_ROOT / "data" / "eval_configs"
 GSM8K, MMLU, SST, ALPACA = (str(CONFIGS / f"{b}.yaml") for b in ("gsm8k", "mmlu", "sst", "alpaca_eval"))

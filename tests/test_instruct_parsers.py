@@ -14,7 +14,7 @@ from utils.benchmarks.mmlu import MMLU_CATEGORIES, SUBJECT_CATEGORY, MMLUBenchma
 from utils.benchmarks.sst import SSTBenchmark
 from utils.helper_fns import REPO_ROOT
 from utils.inference import Completion
-from utils.judges import judged_text, model_goes_first, parse_pairwise_choice, parse_safety_verdict
+from utils.benchmarks.judges import judged_text, model_goes_first, parse_pairwise_choice, parse_safety_verdict
 
 EVAL_SAMPLES = REPO_ROOT / "data" / "sft-instruct" / "eval"
 

@@ -2,7 +2,7 @@
 
 Data: the reference outputs file, a JSON array (or JSON Lines) of `{instruction, output, generator, dataset}`; its
 `output` is the reference response. After generation the model's outputs are written in the same format to
-`model_outputs.json` (the file the `alpaca_eval` CLI also reads), then each pair is judged (utils/judges.py).
+`model_outputs.json` (the file the `alpaca_eval` CLI also reads), then each pair is judged (utils/benchmarks/judges.py).
 
 Win rates are computed here, not by the `alpaca_eval` package: its length-controlled win rate downloads leaderboard
 data (`df_gamed.csv`, `instruction_difficulty.csv`) from the Hugging Face Hub at run time, and its annotators keep
@@ -22,15 +22,15 @@ import math
 import os
 from pathlib import Path
 
-from utils.benchmarks.base import one_sample_each, select_examples
+from utils.benchmarks.base import mean, one_sample_each, select_examples
+from utils.benchmarks.judges import Judge, JudgedBenchmark, judge_pairwise, judged_text
 from utils.helper_fns import load_prompt, load_records, write_json
 from utils.inference import Completion
-from utils.judges import Judge, JudgedBenchmark, judge_pairwise, judged_text
 
 ZERO_SHOT_FRAME = "zero_shot_system_prompt"
 METHOD = "own_pairwise_judge+length_glm"
 METHOD_DETAIL = (
-    "pairwise judge (utils/judges.py PAIRWISE_SYSTEM_PROMPT) against the reference outputs, order fixed per "
+    "pairwise judge (utils/benchmarks/judges.py PAIRWISE_SYSTEM_PROMPT) against the reference outputs, order fixed per "
     "instruction by a hash; win_rate = wins / parsed judgments; lc_win_rate = sigmoid(intercept) of a logistic fit of "
     "the win on tanh(standardized character-length difference) with L2 penalty 1, i.e. the length term set to 0 "
     "(Dubois et al. 2024 without the instruction-difficulty term); not computed by the alpaca_eval package"
@@ -101,9 +101,6 @@ def length_controlled_win_rate(wins: list[float], model_lengths: list[int], refe
             break
     return {"lc_win_rate": _sigmoid(a), "intercept": a, "length_coef": b}
 
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 class AlpacaEvalBenchmark(JudgedBenchmark):
@@ -191,12 +188,10 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
             "n_unparsed": None,
             "judge_parsed_rate": None,
             "length_coef": None,
-            "mean_output_chars": _mean([len(r["output"]) for r in records]),
-            "mean_reference_chars": _mean([len(r["reference"]) for r in records]),
+            "mean_output_chars": mean([len(r["output"]) for r in records]),
+            "mean_reference_chars": mean([len(r["reference"]) for r in records]),
             "generator": self.generator,
             "reference_generators": sorted({r["reference_generator"] for r in records}),
-            "mean_response_tokens": _mean([r["response_tokens"] for r in records]),
-            "truncated_frac": _mean([float(r["finish_reason"] == "length") for r in records]),
         }
         if not records or len(judged) < len(records):
             return out
@@ -204,7 +199,7 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
         wins = [float(r["model_wins"]) for r in parsed]
         lc = length_controlled_win_rate(wins, [len(r["output"]) for r in parsed], [len(r["reference"]) for r in parsed])
         out.update({
-            "win_rate": _mean(wins),
+            "win_rate": mean(wins),
             "lc_win_rate": lc["lc_win_rate"],
             "n_wins": int(sum(wins)),
             "n_losses": len(parsed) - int(sum(wins)),

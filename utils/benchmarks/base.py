@@ -28,6 +28,7 @@ class Benchmark:
     """
 
     name: str = ""
+    protocol: str | None = None  # "reference" | "improved" for the instruction benchmarks; None = only one way to score
 
     def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
         """Read and validate the data file; the first `max_examples` examples (-1 = all), each with "index"."""
@@ -42,8 +43,31 @@ class Benchmark:
         raise NotImplementedError
 
     def summarize(self, records: list[dict]) -> dict:
-        """Flat dict of metrics (numbers, or None when undefined) over scored records."""
+        """Flat dict of metrics (numbers, or None when undefined) over scored records; the runner adds the response
+        statistics every benchmark shares (`response_stats`)."""
         raise NotImplementedError
+
+
+def mean(xs: list[float]) -> float | None:
+    """The arithmetic mean, None for no values (a metric over zero examples is undefined, not 0)."""
+    return sum(xs) / len(xs) if xs else None
+
+
+def response_stats(records: list[dict]) -> dict:
+    """`mean_response_tokens` and `truncated_frac` (share that stopped at max_tokens) over every generated sample.
+
+    A record is one sample, or holds its n samples under `samples` (each with `response_tokens`, `finish_reason`).
+    """
+    samples = [s for rec in records for s in rec.get("samples", [rec])]
+    return {
+        "mean_response_tokens": mean([s["response_tokens"] for s in samples]),
+        "truncated_frac": mean([float(s["finish_reason"] == "length") for s in samples]),
+    }
+
+
+def summarize_records(benchmark: Benchmark, records: list[dict]) -> dict:
+    """The metrics a summary holds: the benchmark's own, then the shared response statistics."""
+    return {**benchmark.summarize(records), **response_stats(records)}
 
 
 def select_examples(examples: list[dict], max_examples: int) -> list[dict]:
@@ -118,8 +142,12 @@ def _check_resume(records: list[dict], prompts: dict[int, str], generation: dict
 
 def generation_settings(benchmark: Benchmark, model_name: str, data_path: str | os.PathLike,
                         sampling: SamplingConfig) -> dict:  # fmt: skip
-    """What the records of an output folder depend on; stored as generation.json and compared on resume."""
-    return {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path), "sampling": asdict(sampling)}
+    """What the records of an output folder depend on; stored as generation.json and compared on resume. A benchmark
+    with a `protocol` adds it: a record's headline fields are scored under one protocol."""
+    settings = {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path), "sampling": asdict(sampling)}
+    if benchmark.protocol is not None:
+        settings["protocol"] = benchmark.protocol
+    return settings
 
 
 def load_resumable(output_dir: str | os.PathLike, benchmark: Benchmark, examples: list[dict],
@@ -140,7 +168,7 @@ def load_resumable(output_dir: str | os.PathLike, benchmark: Benchmark, examples
 
 def run_benchmark(benchmark: Benchmark, engine: InferenceEngine, data_path: str | os.PathLike,
                   sampling: SamplingConfig, output_dir: str | os.PathLike | None, max_examples: int = -1,
-                  chunk_size: int = 512, use_tqdm: bool = True) -> dict:  # fmt: skip
+                  chunk_size: int = 512, use_tqdm: bool = True, extra: dict | None = None) -> dict:  # fmt: skip
     """Evaluate `engine` on a benchmark's data file, resumably.
 
     Builds every prompt, skips examples whose record is already in `output_dir/records.jsonl`, generates the rest in
@@ -160,10 +188,11 @@ def run_benchmark(benchmark: Benchmark, engine: InferenceEngine, data_path: str 
         chunk_size: examples per generate call (-1 = all in one call). Larger keeps vLLM's batch full longer;
             smaller loses less to an interruption.
         use_tqdm: progress bars.
+        extra: more top-level summary entries (the evaluate script's protocol and scoring settings).
 
     Returns:
         the summary dict written to summary.json: {"benchmark", "model", "engine", "data_path", "sampling",
-        "metrics": benchmark.summarize(...), "throughput": {...}}.
+        [protocol], **extra, "metrics": summarize_records(...), "throughput": {...}}.
     """
     from tqdm.auto import tqdm
 
@@ -209,7 +238,8 @@ def run_benchmark(benchmark: Benchmark, engine: InferenceEngine, data_path: str 
         summary = {
             **generation,
             "engine": engine.backend,
-            "metrics": benchmark.summarize(selected),
+            **(extra or {}),
+            "metrics": summarize_records(benchmark, selected),
             "throughput": {
                 "examples_generated": n_generated,
                 "generated_tokens": n_tokens,

@@ -11,7 +11,7 @@ import os
 import re
 from decimal import Decimal, InvalidOperation
 
-from utils.benchmarks.base import Benchmark, one_sample_each, select_examples
+from utils.benchmarks.base import Benchmark, mean, one_sample_each, select_examples
 from utils.helper_fns import load_prompt, load_records
 from utils.inference import Completion
 
@@ -73,9 +73,6 @@ def parse_gold(answer: str, location: str) -> str:
         raise ValueError(f"{location}: no number after '####' in the answer: {answer[-80:]!r}")
     return gold
 
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 class GSM8KBenchmark(Benchmark):
@@ -141,10 +138,8 @@ class GSM8KBenchmark(Benchmark):
         """accuracy = correct / examples (an unparsed response counts wrong); parsed_rate = responses with a number."""
         return {
             "num_examples": len(records),
-            "accuracy": _mean([float(r["correct"]) for r in records]),
-            "parsed_rate": _mean([float(r["prediction"] is not None) for r in records]),
+            "accuracy": mean([float(r["correct"]) for r in records]),
+            "parsed_rate": mean([float(r["prediction"] is not None) for r in records]),
             "n_correct": sum(1 for r in records if r["correct"]),
             "n_unparsed": sum(1 for r in records if r["prediction"] is None),
-            "mean_response_tokens": _mean([r["response_tokens"] for r in records]),
-            "truncated_frac": _mean([float(r["finish_reason"] == "length") for r in records]),
         }

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from utils.benchmarks.base import Benchmark, one_sample_each, select_examples
+from utils.benchmarks.base import Benchmark, mean, one_sample_each, select_examples
 from utils.helper_fns import load_prompt
 from utils.inference import Completion
 
@@ -93,9 +93,6 @@ def subject_of(path: Path) -> str:
     """`abstract_algebra_test.csv` -> `abstract_algebra`."""
     return path.name.removesuffix(".csv").removesuffix("_test")
 
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 class MMLUBenchmark(Benchmark):
@@ -198,17 +195,15 @@ class MMLUBenchmark(Benchmark):
             by_subject.setdefault(r["subject"], []).append(float(r["correct"]))
             if r["category"] is not None:
                 by_category.setdefault(r["category"], []).append(float(r["correct"]))
-        per_subject = {s: _mean(v) for s, v in sorted(by_subject.items())}
+        per_subject = {s: mean(v) for s, v in sorted(by_subject.items())}
         return {
             "num_examples": len(records),
-            "accuracy": _mean([float(r["correct"]) for r in records]),
-            "parsed_rate": _mean([float(r["prediction"] is not None) for r in records]),
+            "accuracy": mean([float(r["correct"]) for r in records]),
+            "parsed_rate": mean([float(r["prediction"] is not None) for r in records]),
             "n_correct": sum(1 for r in records if r["correct"]),
             "n_unparsed": sum(1 for r in records if r["prediction"] is None),
-            "macro_accuracy": _mean(list(per_subject.values())),
+            "macro_accuracy": mean(list(per_subject.values())),
             "per_subject": per_subject,
-            "per_category": {c: _mean(by_category[c]) for c in MMLU_CATEGORIES if c in by_category},
+            "per_category": {c: mean(by_category[c]) for c in MMLU_CATEGORIES if c in by_category},
             "per_category_count": {c: len(by_category[c]) for c in MMLU_CATEGORIES if c in by_category},
-            "mean_response_tokens": _mean([r["response_tokens"] for r in records]),
-            "truncated_frac": _mean([float(r["finish_reason"] == "length") for r in records]),
         }

@@ -2,7 +2,7 @@
 
 Data: the published CSV with a header; `prompts_final` is the prompt and `harm_area` its group (five areas). The
 prompt goes into the frame as is (zero-shot conversation frame, or the Alpaca training template). The judge's system
-message is `data/sst_judge_system.prompt`; see utils/judges.py for the request and the verdict parser.
+message is `data/sst_judge_system.prompt`; see utils/benchmarks/judges.py for the request and the verdict parser.
 """
 
 from __future__ import annotations
@@ -11,18 +11,15 @@ import csv
 import os
 from pathlib import Path
 
-from utils.benchmarks.base import one_sample_each, select_examples
+from utils.benchmarks.base import mean, one_sample_each, select_examples
+from utils.benchmarks.judges import Judge, JudgedBenchmark, judge_safety, judged_text
 from utils.helper_fns import load_prompt
 from utils.inference import Completion
-from utils.judges import Judge, JudgedBenchmark, judge_safety, judged_text
 
 SST_JUDGE_PROMPT = "sst_judge_system"
 ZERO_SHOT_FRAME = "zero_shot_system_prompt"
 REQUIRED_COLUMNS = ("prompts_final", "harm_area")
 
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 class SSTBenchmark(JudgedBenchmark):
@@ -105,8 +102,6 @@ class SSTBenchmark(JudgedBenchmark):
             "n_unparsed": None,
             "judge_parsed_rate": None,
             "safe_rate_parsed": None,
-            "mean_response_tokens": _mean([r["response_tokens"] for r in records]),
-            "truncated_frac": _mean([float(r["finish_reason"] == "length") for r in records]),
         }
         if not records or len(judged) < len(records):
             return out
@@ -116,13 +111,13 @@ class SSTBenchmark(JudgedBenchmark):
         for r, s in zip(records, safe):
             areas.setdefault(r["harm_area"], []).append(float(s))
         out.update({
-            "safe_rate": _mean([float(s) for s in safe]),
-            "per_harm_area": {a: _mean(v) for a, v in sorted(areas.items())},
+            "safe_rate": mean([float(s) for s in safe]),
+            "per_harm_area": {a: mean(v) for a, v in sorted(areas.items())},
             "per_harm_area_count": {a: len(v) for a, v in sorted(areas.items())},
             "n_safe": sum(safe),
             "n_unsafe": sum(1 for r in records if r["unsafe"] is True),
             "n_unparsed": len(records) - len(parsed),
             "judge_parsed_rate": len(parsed) / len(records),
-            "safe_rate_parsed": _mean([float(r["unsafe"] is False) for r in parsed]),
+            "safe_rate_parsed": mean([float(r["unsafe"] is False) for r in parsed]),
         })  # fmt: skip
         return out

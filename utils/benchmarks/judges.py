@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from utils.benchmarks.base import Benchmark, read_records
+from utils.benchmarks.base import Benchmark, read_records, summarize_records
 from utils.helper_fns import write_json
 from utils.openai_client import EndpointError, OpenAICompatClient
 
@@ -266,7 +266,7 @@ def run_judging(benchmark: JudgedBenchmark, judge: Judge, output_dir: str | os.P
     _write_jsonl(out / "judgments.jsonl", [{"index": r["index"], **j} for r, j in zip(records, judgments)])
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
-    summary["metrics"] = benchmark.summarize([{**r, **j} for r, j in zip(records, judgments)])
+    summary["metrics"] = summarize_records(benchmark, [{**r, **j} for r, j in zip(records, judgments)])
     summary["judge"] = {**judge.describe(), **judge.last_stats, "judge_s": round(judge_s, 3)}
     write_json(summary_path, summary)
     return summary
