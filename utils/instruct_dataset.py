@@ -308,7 +308,7 @@ class PackedSFTDataset(Dataset):
 
 
 class _Batches:
-    """One epoch of stacked batches, re-iterable and sized like a `torch.utils.data.DataLoader` (see `iterate_batches`)."""
+    """One epoch of stacked batches, re-iterable and sized like a `torch.utils.data.DataLoader` (`iterate_batches`)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int):
         if batch_size < 1:
@@ -321,7 +321,8 @@ class _Batches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         n = len(self.dataset)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)) if self.shuffle else torch.arange(n)
+        gen = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             items = [self.dataset[int(j)] for j in order[start : start + self.batch_size]]
             yield {k: torch.stack([it[k] for it in items]) for k in items[0]}

@@ -20,6 +20,22 @@ from utils.helper_fns import append_jsonl, write_json
 from utils.inference import Completion, InferenceEngine, SamplingConfig
 
 
+# Evaluation protocols of the instruction benchmarks (evaluate_instruct.py --protocol):
+# - "reference": the published table's protocol, every setting as REFERENCE.md gives it, the published parsers/rules;
+# - "improved": this repo's protocol: robust parsers, the frame a model was trained on, a strict judge-reply rule.
+PROTOCOLS = ("reference", "improved")
+# Settings the published protocol uses for every benchmark, keyed like evaluate_instruct.py's flags; each benchmark
+# class adds its own in `reference_settings`. Frame: the zero-shot frame for every model, greedy, stop at the frame's
+# closing code fence, stop string not kept.
+REFERENCE_COMMON_SETTINGS = {"prompt_format": "zero_shot", "frame_prompt": None, "stop": ["```"],
+                             "include_stop_str": False, "temperature": 0.0, "top_p": 1.0}  # fmt: skip
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+
+
 class Benchmark:
     """One evaluation task. Subclasses set `name` and implement the four methods.
 
@@ -29,6 +45,8 @@ class Benchmark:
 
     name: str = ""
     protocol: str | None = None  # "reference" | "improved" for the instruction benchmarks; None = only one way to score
+    reference_settings: dict = {}  # the published protocol's own settings (added to REFERENCE_COMMON_SETTINGS)
+    scorers: dict = {}  # protocol -> one line saying how that protocol scores a response (recorded in summaries)
 
     def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
         """Read and validate the data file; the first `max_examples` examples (-1 = all), each with "index"."""
@@ -63,6 +81,21 @@ def response_stats(records: list[dict]) -> dict:
         "mean_response_tokens": mean([s["response_tokens"] for s in samples]),
         "truncated_frac": mean([float(s["finish_reason"] == "length") for s in samples]),
     }
+
+
+def scorer_metrics(records: list[dict], key: str = "correct") -> dict:
+    """Each protocol's parser on the same responses: `scorers` = {protocol: {accuracy, parsed_rate, n_correct}} from
+    the records' `<key>_<protocol>` and `prediction_<protocol>` fields, and `n_scorers_disagree` = records the two
+    parsers score differently (one right, one wrong)."""
+    scorers = {}
+    for p in PROTOCOLS:
+        scorers[p] = {
+            "accuracy": mean([float(r[f"{key}_{p}"]) for r in records]),
+            "parsed_rate": mean([float(r[f"prediction_{p}"] is not None) for r in records]),
+            "n_correct": sum(1 for r in records if r[f"{key}_{p}"]),
+        }
+    disagree = sum(1 for r in records if r[f"{key}_reference"] != r[f"{key}_improved"])
+    return {"scorers": scorers, "n_scorers_disagree": disagree}
 
 
 def summarize_records(benchmark: Benchmark, records: list[dict]) -> dict:
@@ -144,7 +177,8 @@ def generation_settings(benchmark: Benchmark, model_name: str, data_path: str | 
                         sampling: SamplingConfig) -> dict:  # fmt: skip
     """What the records of an output folder depend on; stored as generation.json and compared on resume. A benchmark
     with a `protocol` adds it: a record's headline fields are scored under one protocol."""
-    settings = {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path), "sampling": asdict(sampling)}
+    settings = {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path),
+                "sampling": asdict(sampling)}  # fmt: skip
     if benchmark.protocol is not None:
         settings["protocol"] = benchmark.protocol
     return settings
