@@ -189,6 +189,11 @@ def score_settings(s: argparse.Namespace, benchmark) -> dict:
     if s.benchmark in JUDGED:
         settings.update({k: getattr(s, k) for k in JUDGE_SCORE_KEYS})
         settings["judge_top_p"] = judge_config(s).top_p
+    if s.benchmark == "alpaca_eval" and s.protocol == "reference":  # the package's annotator sends the requests
+        from utils.benchmarks.alpaca_eval_package import JUDGE_MAX_TOKENS, PACKAGE_SEED
+
+        settings.update(judge_max_tokens=JUDGE_MAX_TOKENS, judge_top_p=1.0, judge_prompt="alpaca_eval package: "
+                        "evaluators_configs/alpaca_eval_gpt4/alpaca_eval.txt", package_seed=PACKAGE_SEED)  # fmt: skip
     return {"protocol": s.protocol, "settings": settings, "scorers": dict(benchmark.scorers),
             "protocol_deviations": s.protocol_deviations}
 
@@ -234,6 +239,16 @@ def check_run(s: argparse.Namespace) -> None:
         try:
             judge_config(s).check()
         except ValueError as e:
+            raise SystemExit(f"{where}: {e}") from None
+    if s.benchmark == "alpaca_eval" and s.protocol == "reference":
+        from utils.benchmarks.alpaca_eval_package import package_prompt_path
+
+        if s.judge_extra_body:
+            raise SystemExit(f"{where}: --judge-extra-body with --protocol reference: the alpaca_eval package sends "
+                             f"its own judge requests; use --protocol improved for our judge")  # fmt: skip
+        try:
+            package_prompt_path()
+        except RuntimeError as e:
             raise SystemExit(f"{where}: {e}") from None
 
 

@@ -166,6 +166,7 @@ def test_reference_alpaca_eval_runs_the_package_against_a_local_judge(tiny_qwen_
     assert summary["protocol"] == "reference"
     assert summary["protocol_deviations"] == {"max_tokens": {"published": 1024, "used": 16}}
     assert summary["settings"]["max_model_len"] == 2048 and summary["settings"]["stop"] == ["```"]
+    assert (summary["settings"]["judge_max_tokens"], summary["settings"]["package_seed"]) == (100, 1337)
 
     # Rerun: nothing generated, nothing sent (the package's annotation cache), the same numbers.
     again = main(parse_args(argv))["alpaca_eval"]
@@ -181,5 +182,8 @@ def test_reference_alpaca_eval_refuses_other_reference_outputs(tmp_path):
             str(tmp_path / "out")]  # fmt: skip
     with pytest.raises(SystemExit, match=r"reference outputs by \['text_davinci_003'\].*'gpt4_1106_preview'"):
         main(parse_args(argv))  # before any model loads: the model folder does not exist
+    sample = argv[:2] + ["--sample-data"] + argv[4:]
     with pytest.raises(SystemExit, match="generator name 'gpt4_1106_preview' is the reference outputs' own"):
-        main(parse_args(argv[:2] + ["--sample-data", "--generator", "gpt4_1106_preview"] + argv[4:]))
+        main(parse_args(sample + ["--generator", "gpt4_1106_preview"]))
+    with pytest.raises(SystemExit, match="--judge-extra-body with --protocol reference"):
+        main(parse_args(sample + ["--judge-extra-body", '{"structured_outputs": {"choice": ["1", "2"]}}']))

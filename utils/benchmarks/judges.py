@@ -1,13 +1,14 @@
 """LLM judges on any OpenAI-compatible chat endpoint (a local vLLM server, a hosted API), on top of OpenAICompatClient.
 
     judge = JudgeConfig("http://127.0.0.1:8000/v1", "meta-llama/Llama-3.3-70B-Instruct").build("out/judge_cache.jsonl")
-    verdicts = judge_safety(judge, load_prompt("sst_judge_system"), prompts, responses)   # [{"unsafe", "judge_reply"}]
+    verdicts = judge_safety(judge, load_prompt("sst_judge_system"), prompts, responses)  # [{"unsafe", ...}]
     prefs = judge_pairwise(judge, instructions, model_outputs, reference_outputs)          # [{"model_wins", ...}]
 
 Every judgment is one greedy chat request (temperature 0) whose messages hold the judge prompt, the user prompt and
 the response, so OpenAICompatClient's on-disk cache is keyed by (judge model, prompt, response, request parameters):
-a re-run, or another run producing the same response, sends only what is missing. A reply the parser cannot read is
-kept as `None` (unparsed) and counted by the benchmark's summary; it is never read as safe or as a loss.
+a re-run, or another run producing the same response, sends only what is missing. A reply the strict parser cannot
+read is kept as `None` (unparsed) and counted by the benchmark's summary; it is never read as safe or as a loss. The
+published SimpleSafetyTests rule (`reference_unsafe`) reads the same reply too: there, anything but "true..." is safe.
 
 Judged benchmarks (SST, AlpacaEval) generate first and are judged afterwards (`run_judging`), so an unreachable judge
 fails after the generated outputs are on disk, and rerunning the same command only judges.
