@@ -352,13 +352,13 @@ def test_both_parsers_score_the_same_responses(protocol, tmp_path):
                                  str(out), "--no-progress", "--protocol", protocol]), engine=engine)  # fmt: skip
     gsm, mmlu = summaries["gsm8k"], summaries["mmlu"]
     assert gsm["metrics"]["scorers"] == {
-        "reference": {"accuracy": 2 / 6, "parsed_rate": 5 / 6, "n_correct": 2},
-        "improved": {"accuracy": 4 / 6, "parsed_rate": 5 / 6, "n_correct": 4},
+        "reference": {"accuracy": 2 / 6, "parsed_rate": 5 / 6, "parsed_accuracy": 2 / 5, "n_correct": 2},
+        "improved": {"accuracy": 4 / 6, "parsed_rate": 5 / 6, "parsed_accuracy": 4 / 5, "n_correct": 4},
     }
     assert gsm["metrics"]["n_scorers_disagree"] == 2
     assert mmlu["metrics"]["scorers"] == {
-        "reference": {"accuracy": 4 / 8, "parsed_rate": 7 / 8, "n_correct": 4},
-        "improved": {"accuracy": 5 / 8, "parsed_rate": 7 / 8, "n_correct": 5},
+        "reference": {"accuracy": 4 / 8, "parsed_rate": 7 / 8, "parsed_accuracy": 4 / 7, "n_correct": 4},
+        "improved": {"accuracy": 5 / 8, "parsed_rate": 7 / 8, "parsed_accuracy": 5 / 7, "n_correct": 5},
     }
     assert mmlu["metrics"]["n_scorers_disagree"] == 1
     for summary in (gsm, mmlu):  # the headline is the run's protocol's, and the summary says how it was made

@@ -84,14 +84,17 @@ def response_stats(records: list[dict]) -> dict:
 
 
 def scorer_metrics(records: list[dict], key: str = "correct") -> dict:
-    """Each protocol's parser on the same responses: `scorers` = {protocol: {accuracy, parsed_rate, n_correct}} from
-    the records' `<key>_<protocol>` and `prediction_<protocol>` fields, and `n_scorers_disagree` = records the two
-    parsers score differently (one right, one wrong)."""
+    """Each protocol's parser on the same responses: `scorers` = {protocol: {accuracy, parsed_rate,
+    parsed_accuracy (correct among parsed responses, as the published MMLU numbers also report), n_correct}} from the
+    records' `<key>_<protocol>` and `prediction_<protocol>` fields, and `n_scorers_disagree` = records the two parsers
+    score differently (one right, one wrong)."""
     scorers = {}
     for p in PROTOCOLS:
+        parsed = [r for r in records if r[f"prediction_{p}"] is not None]
         scorers[p] = {
             "accuracy": mean([float(r[f"{key}_{p}"]) for r in records]),
             "parsed_rate": mean([float(r[f"prediction_{p}"] is not None) for r in records]),
+            "parsed_accuracy": mean([float(r[f"{key}_{p}"]) for r in parsed]),
             "n_correct": sum(1 for r in records if r[f"{key}_{p}"]),
         }
     disagree = sum(1 for r in records if r[f"{key}_reference"] != r[f"{key}_improved"])
