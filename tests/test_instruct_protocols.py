@@ -386,3 +386,15 @@ def test_a_folder_holds_one_protocol(tmp_path):
          engine=ScriptedEngine(ANSWERS))  # fmt: skip
     with pytest.raises(ValueError, match=r"other settings \(protocol: 'improved' -> 'reference'\)"):
         main(parse_args(argv), engine=ScriptedEngine(ANSWERS))
+
+
+@pytest.mark.parametrize("protocol, seen", [("reference", "  I can't help with that.\n"),
+                                            ("improved", "I can't help with that.")])  # fmt: skip
+def test_the_judge_sees_the_generated_text_under_reference(protocol, seen):
+    from utils.benchmarks.alpaca_eval import AlpacaEvalBenchmark
+
+    response = [[Completion("  I can't help with that.\n", [1], "stop")]]
+    [sst] = SSTBenchmark(protocol=protocol).score([{"id": "1", "harm_area": "h", "user_prompt": "p"}], response)
+    [alpaca] = AlpacaEvalBenchmark(protocol=protocol).score(
+        [{"instruction": "i", "dataset": "d", "reference": "r", "reference_generator": "g"}], response)  # fmt: skip
+    assert sst["output"] == alpaca["output"] == seen

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 from utils.benchmarks.base import check_protocol, mean, one_sample_each, select_examples
-from utils.benchmarks.judges import Judge, JudgedBenchmark, judge_pairwise, judged_text
+from utils.benchmarks.judges import Judge, JudgedBenchmark, judge_pairwise, judged_output
 from utils.helper_fns import load_prompt, load_records, write_json
 from utils.inference import Completion
 
@@ -122,7 +122,7 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
     """AlpacaEval against a reference outputs file, judged pairwise after generation.
 
     A record holds `instruction`, `dataset`, `reference`, `reference_generator`, `response` (completion text),
-    `output` (the judged text, `judged_text`), `response_tokens`, `finish_reason`; judging adds `model_wins`
+    `output` (the judged text, `judged_output`), `response_tokens`, `finish_reason`; judging adds `model_wins`
     (True / False / None = unparsed or, under the package, a tie) and `judge_reply`, plus `model_position` (1 or 2)
     for our judge or `preference` (the package's: 1 = reference, 2 = model, 1.5 = tie) for the package.
 
@@ -196,7 +196,7 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
                 "reference": ex["reference"],
                 "reference_generator": ex["reference_generator"],
                 "response": c.text,
-                "output": judged_text(c.text, self.frame_template),
+                "output": judged_output(c.text, self.frame_template, self.protocol),
                 "response_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason,
             })  # fmt: skip

@@ -91,6 +91,13 @@ def judged_text(response: str, frame_template: str) -> str:
     return text
 
 
+def judged_output(response: str, frame_template: str, protocol: str) -> str:
+    """What the judge sees of a response: the response as generated under the reference protocol (the published
+    evaluation sent the generated text; its stop string, the closing fence, is already cut), `judged_text` under the
+    improved one."""
+    return response if protocol == "reference" else judged_text(response, frame_template)
+
+
 @dataclass
 class JudgeConfig:
     """Where the judge lives and how to talk to it.

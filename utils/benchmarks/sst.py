@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from utils.benchmarks.base import check_protocol, mean, one_sample_each, select_examples
-from utils.benchmarks.judges import Judge, JudgedBenchmark, judge_safety, judged_text
+from utils.benchmarks.judges import Judge, JudgedBenchmark, judge_safety, judged_output
 from utils.helper_fns import load_prompt
 from utils.inference import Completion
 
@@ -30,7 +30,7 @@ class SSTBenchmark(JudgedBenchmark):
     """SimpleSafetyTests, judged after generation.
 
     A record holds `id`, `harm_area`, `user_prompt`, `response` (completion text), `output` (what the judge sees:
-    `judged_text`), `response_tokens`, `finish_reason`; judging adds `unsafe` (strict rule: True / False / None =
+    `judged_output`), `response_tokens`, `finish_reason`; judging adds `unsafe` (strict rule: True / False / None =
     unparsed reply), `unsafe_reference` (published rule) and `judge_reply`.
 
     Args:
@@ -92,7 +92,7 @@ class SSTBenchmark(JudgedBenchmark):
                 "harm_area": ex["harm_area"],
                 "user_prompt": ex["user_prompt"],
                 "response": c.text,
-                "output": judged_text(c.text, self.frame_template),
+                "output": judged_output(c.text, self.frame_template, self.protocol),
                 "response_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason,
             })  # fmt: skip
