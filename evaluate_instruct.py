@@ -192,7 +192,7 @@ def score_settings(s: argparse.Namespace, benchmark) -> dict:
     if s.benchmark == "alpaca_eval" and s.protocol == "reference":  # the package's annotator sends the requests
         from utils.benchmarks.alpaca_eval_package import JUDGE_MAX_TOKENS, PACKAGE_SEED
 
-        settings.update(judge_max_tokens=JUDGE_MAX_TOKENS, judge_top_p=1.0, judge_prompt="alpaca_eval package: "
+        settings.update(judge_max_tokens=JUDGE_MAX_TOKENS, judge_prompt="alpaca_eval package: "
                         "evaluators_configs/alpaca_eval_gpt4/alpaca_eval.txt", package_seed=PACKAGE_SEED)  # fmt: skip
     return {"protocol": s.protocol, "settings": settings, "scorers": dict(benchmark.scorers),
             "protocol_deviations": s.protocol_deviations}
@@ -253,12 +253,17 @@ def check_run(s: argparse.Namespace) -> None:
 
 
 def judge_config(s: argparse.Namespace):
+    """The judge endpoint and request settings; under the reference protocol greedy with top_p 1.0, and for AlpacaEval
+    the package annotator's max_tokens (it sends the requests; the config then describes them in summary.json)."""
+    from utils.benchmarks.alpaca_eval_package import JUDGE_MAX_TOKENS
     from utils.benchmarks.judges import JudgeConfig
 
+    package = s.benchmark == "alpaca_eval" and s.protocol == "reference"
     return JudgeConfig(base_url=s.judge_base_url, model=s.judge_model, api_key_env=s.judge_api_key_env,
                        max_concurrency=s.judge_max_concurrency, max_retries=s.judge_max_retries,
                        backoff_s=s.judge_backoff_s, max_backoff_s=s.judge_max_backoff_s, timeout_s=s.judge_timeout_s,
-                       max_tokens=s.judge_max_tokens, extra_body=dict(s.judge_extra_body or {}),
+                       max_tokens=JUDGE_MAX_TOKENS if package else s.judge_max_tokens,
+                       extra_body=dict(s.judge_extra_body or {}),
                        top_p=1.0 if s.protocol == "reference" else None)  # fmt: skip
 
 

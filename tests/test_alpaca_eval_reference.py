@@ -167,6 +167,8 @@ def test_reference_alpaca_eval_runs_the_package_against_a_local_judge(tiny_qwen_
     assert summary["protocol_deviations"] == {"max_tokens": {"published": 1024, "used": 16}}
     assert summary["settings"]["max_model_len"] == 2048 and summary["settings"]["stop"] == ["```"]
     assert (summary["settings"]["judge_max_tokens"], summary["settings"]["package_seed"]) == (100, 1337)
+    judge = summary["judge"]
+    assert (judge["model"], judge["max_tokens"], judge["top_p"]) == ("fake-judge", 100, 1.0)
 
     # Rerun: nothing generated, nothing sent (the package's annotation cache), the same numbers.
     again = main(parse_args(argv))["alpaca_eval"]

@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from utils.plotting import (  # noqa: E402
     FIG_INSTRUCT_OVERLAY, FIG_MMLU_CATEGORIES, FIG_MMLU_SUBJECTS, FIG_REASON_ACCURACY, FIG_REASON_SWEEP,
-    FIG_REASON_TRAIN, INSTRUCT_EVAL_LAYOUT, INSTRUCT_HEADLINES, REASON_FMT, REFERENCE_INSTRUCT, REFERENCE_INSTRUCT_MODEL, REFERENCE_REASON,
-    REFERENCE_REASON_MODEL, expand_runs, fig_instruct_run, find_final_summary, last_value, load_instruct_evals,
+    FIG_REASON_TRAIN, INSTRUCT_EVAL_LAYOUT, INSTRUCT_HEADLINES, REASON_FMT, REFERENCE_INSTRUCT, REFERENCE_INSTRUCT_MODEL,
+    REFERENCE_REASON, REFERENCE_REASON_MODEL, expand_runs, fig_instruct_run, find_final_summary, last_value, load_instruct_evals,
     load_metrics, read_json, summary_metrics, sweep_points, warn,
 )  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""AlpacaEval scored by the `alpaca_eval` package (PyPI `alpaca-eval`) as the published table was: the reference protocol.
+"""AlpacaEval scored by the `alpaca_eval` package (PyPI `alpaca-eval`) as published: the reference protocol.
 
     folder = write_annotator_config(out / "alpaca_eval_annotator", "meta-llama/Llama-3.3-70B-Instruct", url)
     row, annotations = run_alpaca_eval_package(out / "model_outputs.json", out / "reference_outputs.json", folder,
