@@ -347,7 +347,8 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
         print(f"{s.benchmark}: protocol {s.protocol}" + (f" WITH DEVIATIONS (these numbers are not the published "
                                                          f"protocol's): {deviations}" if deviations else ""))
         if s.benchmark in JUDGED:
-            how = "the alpaca_eval package, judge" if s.benchmark == "alpaca_eval" and s.protocol == "reference" else ""
+            package = s.benchmark == "alpaca_eval" and s.protocol == "reference"
+            how = "the alpaca_eval package, judge " if package else ""
             print(f"{s.benchmark}: judged after generation by {how}{s.judge_model!r} at {s.judge_base_url}")
         prepared.append((s, benchmark, examples, out))
 
