@@ -345,7 +345,7 @@ ANSWERS = {
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_both_parsers_score_the_same_responses(protocol, tmp_path):
+def test_both_parsers_score_the_same_responses(protocol, tmp_path, capsys):
     engine = ScriptedEngine(ANSWERS)
     out = tmp_path / protocol
     summaries = main(parse_args(["--config", GSM8K, MMLU, "--sample-data", "--model", "scripted", "--output-dir",
@@ -377,6 +377,10 @@ def test_both_parsers_score_the_same_responses(protocol, tmp_path):
         assert stops == {("# Query:",)} and [sp.max_tokens for sp in engine.samplings] == [512, 256]
         assert "in total?\nAnswer:```" in engine.prompts[0]
     assert {sp.temperature for sp in engine.samplings} == {0.0}
+    printed = capsys.readouterr().out
+    assert f"gsm8k | {protocol} protocol | 6 examples | accuracy {gsm['metrics']['accuracy']:.1%}" in printed
+    assert "same responses by parser: reference 33.3%, improved 66.7% (2 differ)" in printed
+    assert "same responses by parser: reference 50.0%, improved 62.5% (1 differ)" in printed
 
 
 def test_a_folder_holds_one_protocol(tmp_path):
