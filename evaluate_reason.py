@@ -16,7 +16,6 @@ it stopped. `--config data/eval_configs/math.yaml` sets defaults from a YAML fil
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -68,12 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     """Flag defaults from a YAML file; unknown keys and a benchmark other than math are errors."""
-    import yaml
+    from utils.benchmarks.eval_config import load_eval_config
 
-    if not Path(path).exists():
-        raise SystemExit(f"--config {path}: file not found")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    try:
+        values = load_eval_config(path, set(vars(parser.parse_args([]))) | set(RENAMED_KEYS))
+    except ValueError as e:
+        raise SystemExit(f"--config {e}") from None
     for old, new in RENAMED_KEYS.items():
         if old in values:
             print(f"--config {path}: key {old!r} is deprecated: use {new!r}", file=sys.stderr)
@@ -82,10 +81,6 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     if benchmark != "math":
         raise SystemExit(f"--config {path}: benchmark {benchmark!r}; evaluate_reason.py runs 'math' "
                          "(see evaluate_instruct.py)")
-    known = set(vars(parser.parse_args([])))
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"--config {path}: unknown keys {unknown}; keys are this script's flags")
     return values
 
 
@@ -112,8 +107,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def default_output_dir(args: argparse.Namespace) -> str:
     """results/eval_reason_<model>_<data>_T<temperature>_n<n>: the same command resumes into the same folder."""
-    model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model.rstrip("/")).name or args.model)
-    return f"results/eval_reason_{model}_{Path(args.data).stem}_T{args.temperature:g}_n{args.n_samples}"
+    from utils.benchmarks.eval_config import model_slug
+
+    return f"results/eval_reason_{model_slug(args.model)}_{Path(args.data).stem}_T{args.temperature:g}_n{args.n_samples}"
 
 
 def main(args: argparse.Namespace) -> dict:
