@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the matched stop string in the response (the format reward needs </answer>)")
     g.add_argument("--n-samples", type=int, default=1,
                    help="samples per problem; > 1 adds pass@k and majority-vote accuracy")
-    g.add_argument("--seed", type=int, default=0, help="engine sampling seed")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed; sample j of example i draws from seed (seed, i, j)")
     g = p.add_argument_group("engine")
     add_engine_flags(g)
     g = p.add_argument_group("grading and output")
@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--data: {e}") from None
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                               stop=list(args.stop), include_stop_str_in_output=args.include_stop_str,
-                              n=args.n_samples)  # fmt: skip
+                              n=args.n_samples, seed=args.seed)  # fmt: skip
     try:  # an output folder holding another setting's records fails here, not after the model loads
         done = load_resumable(out, benchmark, examples, generation_settings(benchmark, args.model, args.data, sampling))
     except ValueError as e:

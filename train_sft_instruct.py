@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -108,31 +109,47 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Check the flags, claim the run folder (utils.run_dir: one run per folder, locked while it trains; under
+    torchrun rank 0 claims it for all ranks), train."""
+    from utils.run_dir import RunLock, check_resume_config, check_run_name, prepare_run_dir
+
+    check_args(args)
+    mask = "mask" if args.mask_prompt else "nomask"
+    run_name = check_run_name(args.run_name) if args.run_name else \
+        f"instruct_{Path(args.model).name}_{mask}_{time.strftime('%Y%m%d_%H%M%S')}"
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 claims the folder; train() waits for it at a barrier
+        return train(args, Path(args.output_dir) / run_name)
+    run_dir = prepare_run_dir(args.output_dir, run_name, args.resume, args.overwrite)
+    with RunLock(run_dir):
+        if args.resume:  # "device" is saved resolved ("auto" -> "cpu"): compared once resolved, in train()
+            settings = {k: v for k, v in vars(args).items() if k != "device"}
+            check_resume_config(run_dir, settings, allowed_changes=args.allow_config_change)
+        return train(args, run_dir)
+
+
+def train(args: argparse.Namespace, run_dir: Path) -> dict:
+    """The run itself, in a folder `main` has claimed."""
     import torch
 
     from utils import distributed as D
     from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.data_order import ExampleStream
-    from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
+    from utils.helper_fns import load_prompt, pick_device, read_jsonl, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
-    from utils.packing import rows_to_batch
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.model_setup import compile_decoder_layers, load_policy
+    from utils.packing import rows_to_batch
+    from utils.run_dir import record_config
     from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, evaluate_loss,
                                 gpu_step_metrics, lr_at_step, matmul_parameters, model_dtype_for, resolve_precision,
                                 step_flop_counts, train_step, training_flops)
 
-    check_args(args)
     info = D.init_distributed(pick_device(args.device))
     device = info.device
     precision = resolve_precision(args.precision, device)
     check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
-    mask = "mask" if args.mask_prompt else "nomask"
-    run_name = args.run_name or f"instruct_{Path(args.model).name}_{mask}_{time.strftime('%Y%m%d_%H%M%S')}"
-    run_dir = Path(args.output_dir) / run_name
-    if info.is_main:
-        check_writable_dir(run_dir, "--output-dir")
-    D.barrier(info)
+    run_name = run_dir.name
+    D.barrier(info)  # rank 0 has claimed the run folder
     ckpt_dir = run_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_dir) if args.resume else None
     if args.resume and resume_from is None:
@@ -183,6 +200,7 @@ def main(args: argparse.Namespace) -> dict:
                   test_rows=len(test_ds))
     logger = None
     if info.is_main:
+        record_config(run_dir, config, resume=resume_from is not None, allowed_changes=args.allow_config_change)
         logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None)
     if logger is not None and resume_from is not None:
         logger.truncate_after(start_step)
