@@ -310,6 +310,10 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
     from utils.inference import SamplingConfig, make_engine
     from utils.benchmarks.judges import JudgeUnavailable, run_judging
 
+    from utils.model_setup import check_model_flag
+
+    if engine is None:
+        check_model_flag(args.model)
     model = args.model
     if Path(model).is_symlink():  # e.g. checkpoints/latest: records must name the step they came from
         model = str(Path(model).resolve())

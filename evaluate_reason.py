@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.cli_flags import add_deprecated_alias, add_engine_flags
+from utils.cli_flags import FLAG_RANGES, add_deprecated_alias, add_engine_flags, check_flag_ranges
 
 # YAML keys of renamed flags, still read under the new name (--config)
 RENAMED_KEYS = {"prompt": "prompt_template", "output": "output_dir"}
@@ -85,13 +85,11 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad flag combinations and missing files before any model loads."""
-    if args.temperature < 0:
-        raise SystemExit(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
-        raise SystemExit(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.max_tokens < 1 or args.n_samples < 1:
-        raise SystemExit("--max-tokens and --n-samples must be >= 1")
+    """Reject out-of-range values, bad flag combinations and missing files before any model loads."""
+    from utils.model_setup import check_model_flag
+
+    check_flag_ranges(args, {k: v for k, v in FLAG_RANGES.items() if k != "chunk_size"})  # checked below: -1 = all
+    check_model_flag(args.model)
     if args.n_samples > 1 and args.temperature == 0:
         raise SystemExit(f"--n-samples {args.n_samples} with --temperature 0 gives {args.n_samples} identical greedy "
                          f"samples; use --temperature > 0 or --n-samples 1")  # fmt: skip

@@ -26,8 +26,8 @@ import os
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_deprecated_alias, add_run_flags, add_speed_flags, check_speed_flags,
-                             parse_with_presets)
+from utils.cli_flags import (add_deprecated_alias, add_run_flags, add_speed_flags, check_flag_ranges,
+                             check_speed_flags, parse_with_presets)
 
 PRESETS = {
     "demo": dict(
@@ -95,13 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad flag combinations before any model loads."""
-    if args.epochs <= 0 and args.max_steps < 1:
+    """Reject out-of-range values and bad flag combinations before any model loads."""
+    from utils.model_setup import check_model_flag
+
+    check_flag_ranges(args)
+    check_model_flag(args.model)
+    if args.epochs == -1 and args.max_steps < 1:
         raise SystemExit("--max-steps must be >= 1 when --epochs is -1")
     if args.resume and not args.run_name:
         raise SystemExit("--resume needs --run-name (the run folder to continue)")
-    if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.max_seq_len < 2:
-        raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1, --max-seq-len >= 2")
+    template = Path(args.prompt_template)
+    if template.is_file() and not all(k in template.read_text(encoding="utf-8") for k in ("{instruction}", "{response}")):
+        raise SystemExit(f"--prompt-template {template}: needs both {{instruction}} and {{response}} placeholders")
     for flag in ("train_file", "test_file", "prompt_template"):
         if not Path(getattr(args, flag)).exists():
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: file not found "
@@ -134,8 +139,8 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
     from utils import distributed as D
     from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.data_order import ExampleStream
-    from utils.helper_fns import load_prompt, pick_device, read_jsonl, seed_everything
-    from utils.instruct_dataset import PackedSFTDataset
+    from utils.helper_fns import data_errors_exit, load_prompt, pick_device, seed_everything
+    from utils.instruct_dataset import PackedSFTDataset, validated_records
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.model_setup import compile_decoder_layers, load_policy
     from utils.packing import rows_to_batch
@@ -158,7 +163,10 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
     say = print if info.is_main else (lambda *a, **k: None)
 
     # ---- model and data (rank 0 builds a tiny model first so other ranks load the same one)
-    texts = [r["prompt"] + "\n" + r["response"] for r in read_jsonl(args.train_file)] if args.model == "tiny" else []
+    # the tiny model's tokenizer is trained on the texts; records are validated first, as for a real model
+    with data_errors_exit():
+        texts = [r["prompt"] + "\n" + r["response"] for _, r in validated_records(Path(args.train_file))] \
+            if args.model == "tiny" else []
     if info.is_main:
         load_policy(args.model, run_dir, "llama", texts, torch.float32, "cpu", args.seed, build_model=False)
     D.barrier(info)
@@ -171,8 +179,9 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
     # Rank 0 tokenizes (and caches) first; the other ranks then read its cache instead of repeating the work.
     for turn in ((True, False) if info.enabled else (True,)):
         if info.is_main == turn:
-            train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, **ds_kwargs)
-            test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, **ds_kwargs)
+            with data_errors_exit():
+                train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, **ds_kwargs)
+                test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, **ds_kwargs)
         D.barrier(info)
     rows_per_step = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
     steps = math.ceil(args.epochs * len(train_ds) / rows_per_step) if args.epochs > 0 else args.max_steps

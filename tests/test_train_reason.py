@@ -74,11 +74,11 @@ def test_overlong_examples_are_dropped_and_counted(tmp_path):
 def test_malformed_json_line_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1", "response": " 2 </think> <answer> 2 </answer>", "expected_answer": "2"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: malformed JSON"):
         T.main(_args(tmp_path, "--train-file", str(bad)))
     missing = tmp_path / "missing_key.jsonl"
     missing.write_text('{"problem": "1+1", "expected_answer": "2"}\n')
-    with pytest.raises(ValueError, match=r"missing_key.jsonl:1: record has no 'response'"):
+    with pytest.raises(SystemExit, match=r"missing_key.jsonl:1: record has no .response."):
         T.main(_args(tmp_path, "--train-file", str(missing)))
 
 

@@ -120,7 +120,9 @@ def _tokenize_documents(tokenizer, records: list[tuple[str, dict]], template: st
     }
 
 
-def _validated_records(path: Path) -> list[tuple[str, dict]]:
+def validated_records(path: Path) -> list[tuple[str, dict]]:
+    """`(location, record)` pairs of an instruction file, each with string `prompt` and `response` (ValueError naming
+    `file:line` otherwise)."""
     records = load_records(path)  # raises ValueError with file:line on malformed JSON / non-object lines
     if not records:
         raise ValueError(f"{path}: no records")
@@ -190,6 +192,8 @@ class PackedSFTDataset(Dataset):
         template = load_prompt("alpaca_sft") if template is None else template
         if "{response}" not in template:
             raise ValueError("template has no {response} placeholder: the prompt/response boundary is undefined")
+        if "{instruction}" not in template:
+            raise ValueError("template has no {instruction} placeholder: every document would lack its prompt")
         path = Path(dataset_path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file")
@@ -218,7 +222,7 @@ class PackedSFTDataset(Dataset):
                 if payload.get("key") == key:
                     self.cache_hit = True
                     return payload
-        docs = _tokenize_documents(tokenizer, _validated_records(path), template)
+        docs = _tokenize_documents(tokenizer, validated_records(path), template)
         if use_cache:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_path.with_name(self.cache_path.name + f".tmp{os.getpid()}")
