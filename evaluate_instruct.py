@@ -1,28 +1,44 @@
 """Evaluate a base or fine-tuned model on GSM8K, MMLU, SimpleSafetyTests and AlpacaEval (greedy decoding).
 
-Reference evaluation of the base model in the zero-shot frame, all four benchmarks, judged by a vLLM server:
+The published table's protocol (the default), all four benchmarks, judged by a vLLM server:
     python evaluate_instruct.py --all --model meta-llama/Llama-3.1-8B --output-dir results/llama-sft/eval/base \\
         --judge-base-url http://127.0.0.1:8000/v1 --judge-model meta-llama/Llama-3.3-70B-Instruct
-A fine-tuned checkpoint, scored in the Alpaca template it was trained on (output: results/llama-sft/eval/step_006300):
-    python evaluate_instruct.py --all --model results/llama-sft/checkpoints/step_006300 --prompt-format alpaca
+A fine-tuned checkpoint under the improved protocol, in the Alpaca template it was trained on:
+    python evaluate_instruct.py --all --protocol improved --prompt-format alpaca \\
+        --model results/llama-sft/checkpoints/step_006300 --output-dir results/llama-sft/eval-improved/step_006300
 Smoke run on the bundled samples (any machine; SST and AlpacaEval need a judge endpoint):
     python evaluate_instruct.py --config data/eval_configs/gsm8k.yaml data/eval_configs/mmlu.yaml --sample-data \\
         --model results/demo/checkpoints/step_000400 --max-tokens 32 --output-dir results/eval_instruct_smoke
 
+Protocols (`--protocol`, or `protocol:` in a config):
+- reference reproduces the published table's evaluation (REFERENCE.md): every model in the zero-shot frame, greedy,
+  stop at the frame's closing code fence (not kept), the GSM8K question without "Answer:", per-benchmark max_tokens,
+  max_model_len and max_num_seqs, the published GSM8K and MMLU parsers and SST rule, and AlpacaEval scored by the
+  `alpaca_eval` package against the GPT-4 Turbo outputs. These settings come from each benchmark class
+  (`reference_settings`) and override the config; a flag given on the command line still wins, and every such
+  deviation is printed and listed in summary.json (`protocol_deviations`): those numbers are not the published
+  protocol's. It is the default because a number printed without further flags should be comparable to the table.
+- improved is this repo's protocol: the config's settings, the frame the model knows (`--prompt-format alpaca` for a
+  model fine-tuned on the Alpaca template), robust parsers (numbers with separators and signs; an explicit "answer
+  is X" before stray letters), a strict judge-reply rule, and an offline AlpacaEval approximation.
+GSM8K and MMLU responses are scored by both protocols' parsers and SST replies by both rules, whichever protocol
+generated them, so one generation pass gives the side-by-side numbers (`metrics.scorers`; `metrics.accuracy` /
+`safe_rate` are the run's protocol's).
+
 Each benchmark has a YAML file in data/eval_configs/ (keys = this script's flags); flags given on the command line
 override every selected config. Results go to <output-dir>/<benchmark>/: config.json (settings, written before
 generating), records.jsonl (one record per example, appended as chunks finish), generation.json, summary.json
-(`metrics` holds the numbers) and, for judged benchmarks, judgments.jsonl, judge_cache.jsonl and for AlpacaEval
-model_outputs.json. Rerunning the same command continues an interrupted run; judged benchmarks generate first and
+(`protocol`, `settings` that decide the scores, `metrics` with the numbers) and, for judged benchmarks,
+judgments.jsonl, judge_cache.jsonl and for AlpacaEval model_outputs.json (plus the package's files under the
+reference protocol). Rerunning the same command continues an interrupted run; judged benchmarks generate first and
 are judged afterwards, so an unreachable judge fails (naming its URL) only once the outputs are saved, and the rerun
-only judges.
+only judges. One output folder holds one protocol's run: use another --output-dir for the other protocol.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from utils.cli_flags import add_engine_flags, check_engine_flags
@@ -44,6 +60,10 @@ PROMPT_FORMATS = {
     "zero_shot": ("data/zero_shot_system_prompt.prompt", ["# Query:"]),
     "alpaca": ("data/alpaca_sft.prompt", ["### Instruction:"]),
 }
+# Settings recorded in summary.json because a score depends on them (with the protocol and its deviations).
+SCORE_KEYS = ("prompt_format", "frame_prompt", "task_prompt", "judge_prompt", "stop", "include_stop_str", "temperature",
+              "top_p", "max_tokens", "max_model_len", "max_num_seqs", "engine", "dtype", "seed")  # fmt: skip
+JUDGE_SCORE_KEYS = ("judge_model", "judge_base_url", "judge_max_tokens", "judge_extra_body")
 ENGINE_KEYS = ("engine", "dtype", "device", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "enforce_eager",
                "seed", "tensor_parallel_size")  # fmt: skip
 PER_BENCHMARK_KEYS = ("data", "task_prompt", "judge_prompt")  # meaningless across several configs
@@ -55,6 +75,7 @@ def _build_parser(suppress: bool) -> argparse.ArgumentParser:
     p.add_argument("--config", nargs="+", help="YAML file(s) in data/eval_configs/, one per benchmark")
     p.add_argument("--all", action="store_true", help=f"run {', '.join(ALL_CONFIGS)}")
     p.add_argument("--model", required=True, help="HF hub id or local model / checkpoint folder")
+    p.add_argument("--protocol", choices=["reference", "improved"], default="reference", help="reference = the published table's (default: comparable to it); improved = this repo's (see above)")
     g = p.add_argument_group("data and prompts")
     g.add_argument("--data", help="the benchmark's data file (MMLU: folder of <subject>_test.csv); default: the config's")
     g.add_argument("--sample-data", dest="use_sample_data", action="store_true", help="use the config's bundled `sample_data` file instead of `data` (smoke runs)")
@@ -69,7 +90,7 @@ def _build_parser(suppress: bool) -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=512, help="max generated tokens per response")
     g.add_argument("--stop", nargs="+", default=None, help="stop strings (default: the prompt format's)")
     g.add_argument("--include-stop-str", action=argparse.BooleanOptionalAction, default=False, help="keep the matched stop string in the response")
-    g.add_argument("--seed", type=int, default=0, help="engine sampling seed (matters only with --temperature > 0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, per example (matters only with --temperature > 0)")
     g = p.add_argument_group("engine")
     add_engine_flags(g)
     g = p.add_argument_group("judge (SST, AlpacaEval): any OpenAI-compatible chat endpoint")
@@ -96,15 +117,12 @@ def _build_parser(suppress: bool) -> argparse.ArgumentParser:
 
 
 def _load_config(path: str, known: set[str]) -> dict:
-    import yaml
+    from utils.benchmarks.eval_config import load_eval_config
 
-    if not Path(path).exists():
-        raise SystemExit(f"--config {path}: file not found")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - known - {"benchmark", "sample_data"})
-    if unknown:
-        raise SystemExit(f"--config {path}: unknown keys {unknown}; keys are this script's flags")
+    try:
+        values = load_eval_config(path, known, extra_keys=("benchmark", "sample_data"))
+    except ValueError as e:
+        raise SystemExit(f"--config {e}") from None
     if "benchmark" not in values:
         raise SystemExit(f"--config {path}: no `benchmark` key")
     return values
@@ -134,12 +152,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runs = []
     for path in configs:
         values = _load_config(path, known)
-        runs.append(argparse.Namespace(**{**defaults, "sample_data": None, **values, **given, "config": path,
-                                          "model": args.model}))  # fmt: skip
+        s = argparse.Namespace(**{**defaults, "sample_data": None, **values, **given, "config": path,
+                                  "model": args.model})  # fmt: skip
+        apply_protocol(s, given)
+        runs.append(s)
     names = [r.benchmark for r in runs]
     if len(set(names)) < len(names):
         raise SystemExit(f"--config: benchmark given twice ({names})")
     return argparse.Namespace(model=args.model, configs=list(configs), runs=runs)
+
+
+def apply_protocol(s: argparse.Namespace, given: dict) -> None:
+    """Under the reference protocol, set the published settings of `s.benchmark` over the config's values; a flag in
+    `given` (the command line) keeps its value and is recorded in `s.protocol_deviations` as {key: {published, used}}.
+    """
+    from utils.benchmarks import REGISTRY
+    from utils.benchmarks.base import PROTOCOLS, REFERENCE_COMMON_SETTINGS
+
+    s.protocol_deviations = {}
+    if s.protocol not in PROTOCOLS:
+        raise SystemExit(f"{s.config}: protocol {s.protocol!r} must be one of {list(PROTOCOLS)}")
+    if s.protocol != "reference" or s.benchmark not in REGISTRY:
+        return  # a bad benchmark name is reported by check_run
+    for key, published in {**REFERENCE_COMMON_SETTINGS, **REGISTRY[s.benchmark].reference_settings}.items():
+        if key in given and given[key] != published:
+            s.protocol_deviations[key] = {"published": published, "used": given[key]}
+        else:
+            setattr(s, key, published)
+
+
+def score_settings(s: argparse.Namespace, benchmark) -> dict:
+    """What summary.json records besides the metrics: the protocol, every setting a score depends on, the scorers,
+    and the flags that deviate from the published protocol."""
+    settings = {k: getattr(s, k, None) for k in SCORE_KEYS}
+    settings["frame_prompt"] = s.frame_prompt or PROMPT_FORMATS[s.prompt_format][0]
+    if s.benchmark in JUDGED:
+        settings.update({k: getattr(s, k) for k in JUDGE_SCORE_KEYS})
+        settings["judge_top_p"] = judge_config(s).top_p
+    if s.benchmark == "alpaca_eval" and s.protocol == "reference":  # the package's annotator sends the requests
+        from utils.benchmarks.alpaca_eval_package import JUDGE_MAX_TOKENS, PACKAGE_SEED
+
+        settings.update(judge_max_tokens=JUDGE_MAX_TOKENS, judge_prompt="alpaca_eval package: "
+                        "evaluators_configs/alpaca_eval_gpt4/alpaca_eval.txt", package_seed=PACKAGE_SEED)  # fmt: skip
+    return {"protocol": s.protocol, "settings": settings, "scorers": dict(benchmark.scorers),
+            "protocol_deviations": s.protocol_deviations}
 
 
 def frame_template(s: argparse.Namespace) -> str:
@@ -184,43 +240,61 @@ def check_run(s: argparse.Namespace) -> None:
             judge_config(s).check()
         except ValueError as e:
             raise SystemExit(f"{where}: {e}") from None
+    if s.benchmark == "alpaca_eval" and s.protocol == "reference":
+        from utils.benchmarks.alpaca_eval_package import package_prompt_path
+
+        if s.judge_extra_body:
+            raise SystemExit(f"{where}: --judge-extra-body with --protocol reference: the alpaca_eval package sends "
+                             f"its own judge requests; use --protocol improved for our judge")  # fmt: skip
+        try:
+            package_prompt_path()
+        except RuntimeError as e:
+            raise SystemExit(f"{where}: {e}") from None
 
 
 def judge_config(s: argparse.Namespace):
-    from utils.judges import JudgeConfig
+    """The judge endpoint and request settings; under the reference protocol greedy with top_p 1.0, and for AlpacaEval
+    the package annotator's max_tokens (it sends the requests; the config then describes them in summary.json)."""
+    from utils.benchmarks.alpaca_eval_package import JUDGE_MAX_TOKENS
+    from utils.benchmarks.judges import JudgeConfig
 
+    package = s.benchmark == "alpaca_eval" and s.protocol == "reference"
     return JudgeConfig(base_url=s.judge_base_url, model=s.judge_model, api_key_env=s.judge_api_key_env,
                        max_concurrency=s.judge_max_concurrency, max_retries=s.judge_max_retries,
                        backoff_s=s.judge_backoff_s, max_backoff_s=s.judge_max_backoff_s, timeout_s=s.judge_timeout_s,
-                       max_tokens=s.judge_max_tokens, extra_body=dict(s.judge_extra_body or {}))  # fmt: skip
+                       max_tokens=JUDGE_MAX_TOKENS if package else s.judge_max_tokens,
+                       extra_body=dict(s.judge_extra_body or {}),
+                       top_p=1.0 if s.protocol == "reference" else None)  # fmt: skip
 
 
 def build_benchmark(s: argparse.Namespace):
     """The registry's benchmark object for one settings Namespace."""
     from utils.benchmarks import REGISTRY
+    from utils.benchmarks.eval_config import model_slug
     from utils.helper_fns import load_prompt
 
     frame = frame_template(s)
     cls = REGISTRY[s.benchmark]
     if s.benchmark in ("gsm8k", "mmlu"):
-        return cls(frame_template=frame, task_template=load_prompt(s.task_prompt) if s.task_prompt else None)
+        return cls(frame_template=frame, task_template=load_prompt(s.task_prompt) if s.task_prompt else None,
+                   protocol=s.protocol)  # fmt: skip
     if s.benchmark == "sst":
-        return cls(frame_template=frame, judge_system_prompt=load_prompt(s.judge_prompt) if s.judge_prompt else None)
-    return cls(frame_template=frame, generator=s.generator or _model_label(s.model))
-
-
-def _model_label(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model)
+        return cls(frame_template=frame, judge_system_prompt=load_prompt(s.judge_prompt) if s.judge_prompt else None,
+                   protocol=s.protocol)  # fmt: skip
+    return cls(frame_template=frame, generator=s.generator or model_slug(s.model), protocol=s.protocol,
+               max_concurrency=s.judge_max_concurrency)  # fmt: skip
 
 
 def default_output_dir(model: str) -> tuple[str, str]:
     """(folder, why): `<run>/eval/<checkpoint>` for a `<run>/checkpoints/<checkpoint>` folder (the layout the plot
     scripts read), else `results/eval_instruct_<model>`."""
+    from utils.benchmarks.eval_config import model_slug
+
     path = Path(model)
     if path.exists() and path.resolve().parent.name == "checkpoints":
         resolved = path.resolve()  # `latest` is a link to the newest step_XXXXXX
         return str(resolved.parent.parent / "eval" / resolved.name), "a checkpoint of a training run"
-    return f"results/eval_instruct_{_model_label(model)}", "not a <run>/checkpoints/ folder"
+    return f"results/eval_instruct_{model_slug(model)}", "not a <run>/checkpoints/ folder"
 
 
 def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
@@ -231,11 +305,16 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
         engine: an `InferenceEngine` to use instead of loading `--model` (in-loop evaluation, tests); not closed here.
     """
     from utils.benchmarks import run_benchmark
+    from utils.benchmarks.report import summary_lines
     from utils.helper_fns import check_writable_dir, seed_everything, write_json
     from utils.inference import SamplingConfig, make_engine
-    from utils.judges import JudgeUnavailable, run_judging
+    from utils.benchmarks.judges import JudgeUnavailable, run_judging
     from utils.serving import choose_eval_dtype
 
+    from utils.model_setup import check_model_flag
+
+    if engine is None:
+        check_model_flag(args.model)
     model = args.model
     if Path(model).is_symlink():  # e.g. checkpoints/latest: records must name the step they came from
         model = str(Path(model).resolve())
@@ -255,12 +334,14 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
         if s.stop is None:
             s.stop = list(PROMPT_FORMATS[s.prompt_format][1])
             stop_why = f"the {s.prompt_format} format's default"
+        elif s.protocol == "reference" and "stop" not in s.protocol_deviations:
+            stop_why = "the reference protocol's"
         else:
             stop_why = "given"
         check_run(s)
         check_engine_flags(s.device, s.tensor_parallel_size, s.data_parallel_size)
-        benchmark = build_benchmark(s)
         try:
+            benchmark = build_benchmark(s)
             examples = benchmark.load_examples(s.data, s.max_examples)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"{s.config}: {e}") from None
@@ -268,8 +349,14 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
         print(f"{s.benchmark}: {len(examples)} examples from {s.data} | prompt {s.prompt_format} "
               f"({s.frame_prompt or PROMPT_FORMATS[s.prompt_format][0]}) | stop {s.stop} ({stop_why}) | "
               f"max_tokens {s.max_tokens} | T {s.temperature:g} -> {out}")  # fmt: skip
+        deviations = ", ".join(f"{k} {v['used']!r} (published {v['published']!r})"
+                               for k, v in s.protocol_deviations.items())  # fmt: skip
+        print(f"{s.benchmark}: protocol {s.protocol}" + (f" WITH DEVIATIONS (these numbers are not the published "
+                                                         f"protocol's): {deviations}" if deviations else ""))
         if s.benchmark in JUDGED:
-            print(f"{s.benchmark}: judged after generation by {s.judge_model!r} at {s.judge_base_url}")
+            package = s.benchmark == "alpaca_eval" and s.protocol == "reference"
+            how = "the alpaca_eval package, judge " if package else ""
+            print(f"{s.benchmark}: judged after generation by {how}{s.judge_model!r} at {s.judge_base_url}")
         prepared.append((s, benchmark, examples, out))
 
     seed_everything(args.runs[0].seed)
@@ -293,10 +380,11 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
                                              enforce_eager=s.enforce_eager)  # fmt: skip
                     engine_key = key
             sampling = SamplingConfig(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                      stop=list(s.stop), include_stop_str_in_output=s.include_stop_str)  # fmt: skip
+                                      stop=list(s.stop), include_stop_str_in_output=s.include_stop_str,
+                                      seed=s.seed)  # fmt: skip
             summary = run_benchmark(benchmark, engine or own_engine, s.data, sampling, out,
                                     max_examples=s.max_examples, chunk_size=s.chunk_size,
-                                    use_tqdm=not s.no_progress)  # fmt: skip
+                                    use_tqdm=not s.no_progress, extra=score_settings(s, benchmark))  # fmt: skip
             if s.benchmark in JUDGED:
                 judge = judge_config(s).build(s.judge_cache or out / "judge_cache.jsonl")
                 try:
@@ -305,42 +393,13 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
                     print(f"\n{e}\n")
                     judge_failures.append(str(e))
             summaries[s.benchmark] = summary
-            print_summary(s.benchmark, summary)
+            print("\n".join(summary_lines(s.benchmark, summary)))
     finally:
         if own_engine is not None:
             own_engine.close()
     if judge_failures:
         raise SystemExit("\n".join(judge_failures))
     return summaries
-
-
-def print_summary(name: str, summary: dict) -> None:
-    """One line of headline numbers; a warning line when a judge's replies could not all be read."""
-    m, t = summary["metrics"], summary["throughput"]
-
-    def pct(x) -> str:
-        return "-" if x is None else f"{x:.1%}"
-
-    if name in ("gsm8k", "mmlu"):
-        line = f"accuracy {pct(m['accuracy'])} | parsed {pct(m['parsed_rate'])}"
-        if name == "mmlu":
-            line += " | " + " | ".join(f"{c} {pct(v)}" for c, v in m["per_category"].items())
-    elif m["num_judged"] < m["num_examples"]:
-        line = f"not judged ({m['num_judged']} of {m['num_examples']})"
-    elif name == "sst":
-        line = f"safe {pct(m['safe_rate'])} | judge parsed {pct(m['judge_parsed_rate'])}"
-    else:
-        line = (f"win rate {pct(m['win_rate'])} | LC win rate {pct(m['lc_win_rate'])} | judge parsed "
-                f"{pct(m['judge_parsed_rate'])} | method {m['method']}")  # fmt: skip
-    if summary.get("judge"):
-        line += f" | judge: {summary['judge'].get('sent', 0)} sent, {summary['judge'].get('cached', 0)} cached"
-    rate = "-" if t["examples_per_s"] is None else f"{t['examples_per_s']:.2f}"
-    print(f"{name} | {m['num_examples']} examples | {line} | this run: {t['examples_generated']} generated, "
-          f"{rate} ex/s ({summary['engine']})")  # fmt: skip
-    if name in JUDGED and m.get("n_unparsed"):
-        counted = "counted as not safe" if name == "sst" else "left out of the win rates"
-        print(f"warning: {name}: {m['n_unparsed']} of {m['num_examples']} judge replies unparsed ({counted}); "
-              f"see judgments.jsonl")  # fmt: skip
 
 
 if __name__ == "__main__":  # vLLM's workers re-import this module; the guard keeps them from re-running main

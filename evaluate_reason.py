@@ -16,11 +16,11 @@ it stopped. `--config data/eval_configs/math.yaml` sets defaults from a YAML fil
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
-from utils.cli_flags import add_deprecated_alias, add_engine_flags, check_engine_flags
+from utils.cli_flags import (FLAG_RANGES, add_deprecated_alias, add_engine_flags, check_engine_flags,
+                             check_flag_ranges)
 
 # YAML keys of renamed flags, still read under the new name (--config)
 RENAMED_KEYS = {"prompt": "prompt_template", "output": "output_dir"}
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the matched stop string in the response (the format reward needs </answer>)")
     g.add_argument("--n-samples", type=int, default=1,
                    help="samples per problem; > 1 adds pass@k and majority-vote accuracy")
-    g.add_argument("--seed", type=int, default=0, help="engine sampling seed")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed; sample j of example i draws from seed (seed, i, j)")
     g = p.add_argument_group("engine")
     add_engine_flags(g)
     g = p.add_argument_group("grading and output")
@@ -68,12 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     """Flag defaults from a YAML file; unknown keys and a benchmark other than math are errors."""
-    import yaml
+    from utils.benchmarks.eval_config import load_eval_config
 
-    if not Path(path).exists():
-        raise SystemExit(f"--config {path}: file not found")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    try:
+        values = load_eval_config(path, set(vars(parser.parse_args([]))) | set(RENAMED_KEYS))
+    except ValueError as e:
+        raise SystemExit(f"--config {e}") from None
     for old, new in RENAMED_KEYS.items():
         if old in values:
             print(f"--config {path}: key {old!r} is deprecated: use {new!r}", file=sys.stderr)
@@ -82,21 +82,14 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     if benchmark != "math":
         raise SystemExit(f"--config {path}: benchmark {benchmark!r}; evaluate_reason.py runs 'math' "
                          "(see evaluate_instruct.py)")
-    known = set(vars(parser.parse_args([])))
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"--config {path}: unknown keys {unknown}; keys are this script's flags")
     return values
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad flag combinations and missing files before any model loads."""
-    if args.temperature < 0:
-        raise SystemExit(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
-        raise SystemExit(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.max_tokens < 1 or args.n_samples < 1:
-        raise SystemExit("--max-tokens and --n-samples must be >= 1")
+    """Reject out-of-range values, bad flag combinations and missing files before any model loads."""
+    from utils.model_setup import check_model_flag
+
+    check_flag_ranges(args, {k: v for k, v in FLAG_RANGES.items() if k != "chunk_size"})  # checked below: -1 = all
     if args.n_samples > 1 and args.temperature == 0:
         raise SystemExit(f"--n-samples {args.n_samples} with --temperature 0 gives {args.n_samples} identical greedy "
                          f"samples; use --temperature > 0 or --n-samples 1")  # fmt: skip
@@ -109,12 +102,14 @@ def check_args(args: argparse.Namespace) -> None:
     if not Path(args.prompt_template).exists():
         raise SystemExit(f"--prompt-template {args.prompt_template}: file not found")
     check_engine_flags(args.device, args.tensor_parallel_size, args.data_parallel_size)
+    check_model_flag(args.model)
 
 
 def default_output_dir(args: argparse.Namespace) -> str:
     """results/eval_reason_<model>_<data>_T<temperature>_n<n>: the same command resumes into the same folder."""
-    model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model.rstrip("/")).name or args.model)
-    return f"results/eval_reason_{model}_{Path(args.data).stem}_T{args.temperature:g}_n{args.n_samples}"
+    from utils.benchmarks.eval_config import model_slug
+
+    return f"results/eval_reason_{model_slug(args.model)}_{Path(args.data).stem}_T{args.temperature:g}_n{args.n_samples}"
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -136,7 +131,7 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--data: {e}") from None
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                               stop=list(args.stop), include_stop_str_in_output=args.include_stop_str,
-                              n=args.n_samples)  # fmt: skip
+                              n=args.n_samples, seed=args.seed)  # fmt: skip
     try:  # an output folder holding another setting's records fails here, not after the model loads
         done = load_resumable(out, benchmark, examples, generation_settings(benchmark, args.model, args.data, sampling))
     except ValueError as e:

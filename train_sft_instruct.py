@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 
 from utils.cli_flags import (add_deprecated_alias, add_gpu_node_flags, add_run_flags, add_speed_flags,
-                             check_speed_flags, parse_with_presets, wandb_tags)
+                             check_flag_ranges, check_speed_flags, parse_with_presets, wandb_tags)
 
 PRESETS = {
     "demo": dict(
@@ -96,13 +97,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad flag combinations before any model loads."""
-    if args.epochs <= 0 and args.max_steps < 1:
+    """Reject out-of-range values and bad flag combinations before any model loads."""
+    from utils.model_setup import check_model_flag
+
+    check_flag_ranges(args)
+    check_model_flag(args.model)
+    if args.epochs == -1 and args.max_steps < 1:
         raise SystemExit("--max-steps must be >= 1 when --epochs is -1")
     if args.resume and not args.run_name:
         raise SystemExit("--resume needs --run-name (the run folder to continue)")
-    if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.max_seq_len < 2:
-        raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1, --max-seq-len >= 2")
+    template = Path(args.prompt_template)
+    placeholders = ("{instruction}", "{response}")
+    if template.is_file() and not all(k in template.read_text(encoding="utf-8") for k in placeholders):
+        raise SystemExit(f"--prompt-template {template}: needs both {{instruction}} and {{response}} placeholders")
     for flag in ("train_file", "test_file", "prompt_template"):
         if not Path(getattr(args, flag)).exists():
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: file not found "
@@ -124,39 +131,54 @@ def plan_memory_or_stop(args: argparse.Namespace, device: str, world_size: int, 
 
 
 def main(args: argparse.Namespace) -> dict:
-    import os
-
-    import torch
-
-    from utils import distributed as D
-    from utils.checkpoints import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
-    from utils.data_order import ExampleStream
-    from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
-    from utils.instruct_dataset import PackedSFTDataset
-    from utils.packing import rows_to_batch
-    from utils.progress import TrainProgress
-    from utils.metrics_logger import MetricsLogger, format_step_line
-    from utils.model_setup import apply_liger_kernels, compile_decoder_layers, load_policy
-    from utils.serving import adds_bos, resolve_save_dtype, set_training_chat_template
-    from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, evaluate_loss,
-                                gpu_step_metrics, lr_at_step, matmul_parameters, model_dtype_for, resolve_precision,
-                                step_flop_counts, train_step, training_flops)
+    """Check the flags, claim the run folder (utils.run_dir: one run per folder, locked while it trains; under
+    torchrun rank 0 claims it for all ranks), train."""
+    from utils.helper_fns import pick_device
+    from utils.run_dir import RunLock, check_resume_config, check_run_name, prepare_run_dir
 
     if args.plan_only:  # before the data checks and before joining a process group: only config.json is read
         plan_memory_or_stop(args, pick_device(args.device), int(os.environ.get("WORLD_SIZE", "1")),
                             verbose=os.environ.get("RANK", "0") == "0")  # under torchrun: one rank prints
     check_args(args)
+    mask = "mask" if args.mask_prompt else "nomask"
+    run_name = check_run_name(args.run_name) if args.run_name else \
+        f"instruct_{Path(args.model).name}_{mask}_{time.strftime('%Y%m%d_%H%M%S')}"
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 claims the folder; train() waits for it at a barrier
+        return train(args, Path(args.output_dir) / run_name)
+    run_dir = prepare_run_dir(args.output_dir, run_name, args.resume, args.overwrite)
+    with RunLock(run_dir):
+        if args.resume:  # "device" is saved resolved ("auto" -> "cpu"): compared once resolved, in train()
+            settings = {k: v for k, v in vars(args).items() if k != "device"}
+            check_resume_config(run_dir, settings, allowed_changes=args.allow_config_change)
+        return train(args, run_dir)
+
+
+def train(args: argparse.Namespace, run_dir: Path) -> dict:
+    """The run itself, in a folder `main` has claimed."""
+    import torch
+
+    from utils import distributed as D
+    from utils.checkpoints import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+    from utils.data_order import ExampleStream
+    from utils.helper_fns import data_errors_exit, load_prompt, pick_device, seed_everything
+    from utils.instruct_dataset import PackedSFTDataset, validated_records
+    from utils.metrics_logger import MetricsLogger, format_step_line
+    from utils.model_setup import apply_liger_kernels, compile_decoder_layers, load_policy
+    from utils.packing import rows_to_batch
+    from utils.progress import TrainProgress
+    from utils.run_dir import record_config
+    from utils.serving import adds_bos, resolve_save_dtype, set_training_chat_template
+    from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, evaluate_loss,
+                                gpu_step_metrics, lr_at_step, matmul_parameters, model_dtype_for, resolve_precision,
+                                step_flop_counts, train_step, training_flops)
+
     info = D.init_distributed(pick_device(args.device))
     device = info.device
     precision = resolve_precision(args.precision, device)
     check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
     plan_memory_or_stop(args, device, info.world_size, verbose=info.is_main)
-    mask = "mask" if args.mask_prompt else "nomask"
-    run_name = args.run_name or f"instruct_{Path(args.model).name}_{mask}_{time.strftime('%Y%m%d_%H%M%S')}"
-    run_dir = Path(args.output_dir) / run_name
-    if info.is_main:
-        check_writable_dir(run_dir, "--output-dir")
-    D.barrier(info)
+    run_name = run_dir.name
+    D.barrier(info)  # rank 0 has claimed the run folder
 
     def prepare_for_sharding(meta_model):
         """What `load_policy` does to a loaded model, done to the meta one before FSDP wraps it (Liger: after)."""
@@ -177,7 +199,10 @@ def main(args: argparse.Namespace) -> dict:
     say = print if info.is_main else (lambda *a, **k: None)
 
     # ---- model and data (rank 0 builds a tiny model first so other ranks load the same one)
-    texts = [r["prompt"] + "\n" + r["response"] for r in read_jsonl(args.train_file)] if args.model == "tiny" else []
+    # the tiny model's tokenizer is trained on the texts; records are validated first, as for a real model
+    with data_errors_exit():
+        texts = [r["prompt"] + "\n" + r["response"] for _, r in validated_records(Path(args.train_file))] \
+            if args.model == "tiny" else []
     if info.is_main:
         load_policy(args.model, run_dir, "llama", texts, torch.float32, "cpu", args.seed, build_model=False)
     D.barrier(info)
@@ -201,8 +226,9 @@ def main(args: argparse.Namespace) -> dict:
     # Rank 0 tokenizes (and caches) first; the other ranks then read its cache instead of repeating the work.
     for turn in ((True, False) if info.enabled else (True,)):
         if info.is_main == turn:
-            train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, **ds_kwargs)
-            test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, **ds_kwargs)
+            with data_errors_exit():
+                train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, **ds_kwargs)
+                test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, **ds_kwargs)
         D.barrier(info)
     rows_per_step = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
     steps = math.ceil(args.epochs * len(train_ds) / rows_per_step) if args.epochs > 0 else args.max_steps
@@ -228,6 +254,7 @@ def main(args: argparse.Namespace) -> dict:
                   test_rows=len(test_ds), resolved_save_dtype=save_dtype)
     logger = None
     if info.is_main:
+        record_config(run_dir, config, resume=resume_from is not None, allowed_changes=args.allow_config_change)
         logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None,
                                wandb_entity=args.wandb_entity, wandb_tags=wandb_tags(args.wandb_tags))
     if logger is not None and resume_from is not None:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from utils.cli_flags import (add_deprecated_alias, add_gpu_node_flags, add_run_flags, add_speed_flags,
-                             check_speed_flags, parse_with_presets, wandb_tags)
+                             check_flag_ranges, check_speed_flags, parse_with_presets, wandb_tags)
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
@@ -129,11 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad flag combinations before any model loads."""
-    if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1:
-        raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1")
-    if args.epochs <= 0 and args.max_steps < 1:
-        raise SystemExit("--max-steps must be >= 1 when --epochs is not set")
+    """Reject out-of-range values and bad flag combinations before any model loads."""
+    from utils.model_setup import check_model_flag
+
+    check_flag_ranges(args)
+    check_model_flag(args.model)
+    if args.epochs == -1 and args.max_steps < 1:
+        raise SystemExit("--max-steps must be >= 1 when --epochs is -1")
     if args.resume and not args.run_name:
         raise SystemExit("--resume needs --run-name (the run folder to continue)")
     if args.packing == "bfd" and args.pack_tokens < args.max_seq_len:
@@ -169,33 +171,50 @@ def plan_memory_or_stop(args: argparse.Namespace, device: str) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Check the flags, claim the run folder (utils.run_dir: one run per folder, locked while it trains), train."""
+    from utils.helper_fns import pick_device
+    from utils.run_dir import RunLock, check_resume_config, check_run_name, prepare_run_dir
+
+    device = pick_device(args.device)
+    if args.plan_only:  # before the data checks: a plan needs only the model's config.json
+        plan_memory_or_stop(args, device)
+    check_args(args)
+    plan_memory_or_stop(args, device)  # a run that cannot fit stops before it claims a folder
+    run_name = check_run_name(args.run_name) if args.run_name else \
+        f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
+    run_dir = prepare_run_dir(args.output_dir, run_name, args.resume, args.overwrite)
+    with RunLock(run_dir):
+        if args.resume:  # "device" is saved resolved ("auto" -> "cpu"): compared once resolved, in train()
+            settings = {k: v for k, v in vars(args).items() if k != "device"}
+            check_resume_config(run_dir, settings, allowed_changes=args.allow_config_change)
+        return train(args, run_dir)
+
+
+def train(args: argparse.Namespace, run_dir: Path) -> dict:
+    """The run itself, in a folder `main` has claimed."""
     from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.data_order import ExampleStream
     from utils.dataloader import drop_overlong, format_prompts, load_reason_records, make_micro_batches, select_examples
-    from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
+    from utils.helper_fns import data_errors_exit, load_prompt, pick_device, seed_everything
     from utils.inference import SamplingConfig
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.model_setup import compile_decoder_layers, load_policy
     from utils.packing import make_packed_micro_batches
     from utils.progress import TrainProgress
     from utils.reason_validation import ReasonValidator, resolve_vllm_sleep
+    from utils.run_dir import record_config
     from utils.serving import resolve_save_dtype, set_training_chat_template
     from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, gpu_step_metrics,
                                 lr_at_step, matmul_parameters, model_dtype_for, resolve_precision, step_flop_counts,
                                 train_step, training_flops)
 
     device = pick_device(args.device)
-    if args.plan_only:  # before the data checks: a plan needs only the model's config.json
-        plan_memory_or_stop(args, device)
-    check_args(args)
     precision = resolve_precision(args.precision, device)
     check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
-    plan_memory_or_stop(args, device)
     vllm_sleep, sleep_why = resolve_vllm_sleep(args.vllm_sleep, args.engine, device, args.vllm_device)
     if args.eval_every > 0:
         print(f"vLLM sleep between evaluations: {'on' if vllm_sleep else 'off'} ({sleep_why})")
-    run_name = args.run_name or f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
-    run_dir = check_writable_dir(Path(args.output_dir) / run_name, "--output-dir")
+    run_name = run_dir.name
     ckpt_dir = run_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_dir) if args.resume else None
     if args.resume and resume_from is None:
@@ -204,8 +223,9 @@ def main(args: argparse.Namespace) -> dict:
 
     # ---- data
     template = load_prompt(args.prompt_template)
-    train_records = select_examples(load_reason_records(args.train_file), args.num_examples, args.seed)
-    val_records = load_reason_records(args.val_file, require_response=False)
+    with data_errors_exit():
+        train_records = select_examples(load_reason_records(args.train_file), args.num_examples, args.seed)
+        val_records = load_reason_records(args.val_file, require_response=False)
     prompts, responses = format_prompts(train_records, template), [r["response"] for r in train_records]
 
     # ---- model
@@ -242,6 +262,7 @@ def main(args: argparse.Namespace) -> dict:
     config = dict(vars(args), run_dir=str(run_dir), resolved_model=str(model_path), device=device,
                   resolved_precision=precision, total_steps=steps, train_examples=len(prompts),
                   dropped_overlong=n_dropped, resolved_save_dtype=save_dtype, resolved_vllm_sleep=vllm_sleep)
+    record_config(run_dir, config, resume=resume_from is not None, allowed_changes=args.allow_config_change)
     logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None,
                            wandb_entity=args.wandb_entity, wandb_tags=wandb_tags(args.wandb_tags))
     if resume_from is not None:

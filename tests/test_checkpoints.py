@@ -25,11 +25,12 @@ def test_checkpoint_roundtrip_and_interrupted_save(model_and_batch, tmp_path, ti
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match=r"checkpoint at step 2 not saved: disk full .*partial folder was removed\. "
+                                         r"Last complete checkpoint: .*step_000001"):
         save_checkpoint(tmp_path, 2, model, tok, opt, {"step": 2})
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == first
-    assert not (tmp_path / "step_000002").exists()
+    assert not (tmp_path / "step_000002").exists() and not (tmp_path / ".step_000002.tmp").exists()
 
     # restore step 1 into a fresh model: weights and optimizer state match what was saved
     fresh = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
@@ -45,3 +46,69 @@ def test_checkpoint_roundtrip_and_interrupted_save(model_and_batch, tmp_path, ti
     for s in (3, 4, 5):
         save_checkpoint(tmp_path, s, model, tok, opt, {"step": s}, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000004", "step_000005"]
+
+
+def _saved(model_and_batch, root):
+    model, tok, prompts, outputs = model_and_batch
+    opt = build_optimizer(model, 1e-2, 0.0)
+    train_step(model, opt, [tokenize_prompt_and_output(prompts, outputs, tok)], 1e-2)
+    return model, opt, save_checkpoint(root, 1, model, tok, opt, {"step": 1}), save_checkpoint(root, 2, model, tok, opt,
+                                                                                              {"step": 2})
+
+
+class _Marker:
+    """Unpickling this object would create a file: the proof that a checkpoint ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_tampered_trainer_state_runs_no_code(model_and_batch, tmp_path):
+    model, opt, _, second = _saved(model_and_batch, tmp_path / "ckpt")
+    marker = tmp_path / "pwned"
+    blob = torch.load(second / "trainer_state.pt", weights_only=True)
+    blob["payload"] = _Marker(str(marker))
+    torch.save(blob, second / "trainer_state.pt")
+    with pytest.raises(SystemExit, match=r"trainer_state.pt: refused to load"):
+        load_checkpoint(second, model, opt)
+    assert not marker.exists()
+
+
+def test_rng_state_loads_safely_and_restores_every_generator(model_and_batch, tmp_path):
+    import random
+
+    import numpy as np
+
+    from utils.checkpoints import rng_state
+
+    model, opt, _, _ = _saved(model_and_batch, tmp_path / "ckpt")
+    first = save_checkpoint(tmp_path / "ckpt", 3, model, model_and_batch[1], opt, {"step": 3})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())  # the draws right after the save
+    assert all(not hasattr(v, "dtype") or isinstance(v, torch.Tensor) for v in rng_state()["numpy"])  # no ndarray
+    load_checkpoint(first, model, opt)  # weights_only load, then every generator back to the save
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_old_numpy_rng_layout_still_loads(model_and_batch, tmp_path):
+    import numpy as np
+
+    model, opt, first, _ = _saved(model_and_batch, tmp_path / "ckpt")
+    blob = torch.load(first / "trainer_state.pt", weights_only=True)
+    blob["rng"]["numpy"] = np.random.get_state()  # how checkpoints of earlier versions stored it
+    torch.save(blob, first / "trainer_state.pt")
+    expected = np.random.get_state()[1].copy()
+    np.random.rand(5)
+    load_checkpoint(first, model, opt)
+    assert (np.random.get_state()[1] == expected).all()
+
+
+def test_truncated_weights_name_the_file_and_the_other_checkpoints(model_and_batch, tmp_path):
+    model, opt, first, second = _saved(model_and_batch, tmp_path / "ckpt")
+    weights = second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SystemExit, match=r"step_000002/model.safetensors: unreadable weights .*damaged\. Other complete "
+                                         r"checkpoints in .*ckpt: step_000001"):
+        load_checkpoint(second, model, opt)

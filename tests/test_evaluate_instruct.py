@@ -28,7 +28,7 @@ from utils.benchmarks.gsm8k import numbers_equal, parse_last_number
 from utils.benchmarks.mmlu import parse_mmlu_letter
 from utils.helper_fns import REPO_ROOT, load_prompt, read_jsonl
 from utils.inference import Completion, InferenceEngine
-from utils.judges import model_goes_first, parse_safety_verdict
+from utils.benchmarks.judges import model_goes_first, parse_safety_verdict
 
 CONFIGS = REPO_ROOT / "data" / "eval_configs"
 GSM8K, MMLU, SST, ALPACA = (str(CONFIGS / f"{b}.yaml") for b in ("gsm8k", "mmlu", "sst", "alpaca_eval"))
@@ -51,13 +51,13 @@ def varied_qwen(tiny_qwen_dir, tmp_path_factory) -> Path:
 
 
 def test_config_values_and_flag_overrides():
-    [gsm] = parse_args(["--config", GSM8K, "--model", "m"]).runs
+    [gsm] = parse_args(["--config", GSM8K, "--model", "m", "--protocol", "improved"]).runs
     assert (gsm.benchmark, gsm.max_tokens, gsm.temperature, gsm.data) == (
         "gsm8k", 512, 0.0, "data/sft-instruct/eval/gsm8k/test.jsonl")  # fmt: skip
     [gsm] = parse_args(["--config", GSM8K, "--model", "m", "--max-tokens", "7", "--data", "x.jsonl",
-                        "--prompt-format", "alpaca", "--stop", "END"]).runs  # fmt: skip
+                        "--prompt-format", "alpaca", "--stop", "END", "--protocol", "improved"]).runs  # fmt: skip
     assert (gsm.max_tokens, gsm.data, gsm.prompt_format, gsm.stop) == (7, "x.jsonl", "alpaca", ["END"])
-    runs = parse_args(["--all", "--model", "m", "--max-examples", "3", "--judge-model", "j"]).runs
+    runs = parse_args(["--all", "--model", "m", "--max-examples", "3", "--judge-model", "j", "--protocol", "improved"]).runs
     assert [r.benchmark for r in runs] == ["gsm8k", "mmlu", "sst", "alpaca_eval"]
     assert [r.max_tokens for r in runs] == [512, 256, 512, 1024]  # each config's own value ...
     assert {r.max_examples for r in runs} == {3} and {r.judge_model for r in runs} == {"j"}  # ... or the flag
@@ -107,7 +107,7 @@ class ScriptedEngine(InferenceEngine):
         self.answers = answers
         self.prompts: list[str] = []
 
-    def generate(self, prompts, sampling, use_tqdm=True):
+    def generate(self, prompts, sampling, use_tqdm=True, request_keys=None):
         self.prompts += prompts
         return [[Completion(next(a for k, a in self.answers.items() if k in p), [7] * 5, "stop")] for p in prompts]
 
@@ -132,7 +132,8 @@ def test_scripted_answers_give_exact_scores_and_the_results_layout(tmp_path):
     engine = ScriptedEngine(answers)
     out = tmp_path / "run" / "eval" / "step_000010"
     summaries = main(parse_args(["--config", GSM8K, MMLU, "--sample-data", "--model", "scripted",
-                                 "--output-dir", str(out), "--prompt-format", "alpaca", "--no-progress"]),
+                                 "--output-dir", str(out), "--prompt-format", "alpaca", "--no-progress",
+                                 "--protocol", "improved"]),
                      engine=engine)  # fmt: skip
     gsm, mmlu = summaries["gsm8k"]["metrics"], summaries["mmlu"]["metrics"]
     assert (gsm["accuracy"], gsm["parsed_rate"]) == (4 / 6, 5 / 6)
@@ -182,7 +183,7 @@ def _check_consistent(out: Path, bench: str, n: int) -> dict:
 def test_tiny_model_end_to_end_on_the_samples(varied_qwen, tmp_path):
     out = tmp_path / "eval"
     summaries = run(["--config", GSM8K, MMLU, "--sample-data", "--model", str(varied_qwen), "--engine", "hf",
-                     "--max-tokens", "24", "--output-dir", str(out), "--no-progress"])  # fmt: skip
+                     "--max-tokens", "24", "--output-dir", str(out), "--no-progress", "--protocol", "improved"])  # fmt: skip
     gsm = _check_consistent(out, "gsm8k", 6)
     mmlu = _check_consistent(out, "mmlu", 8)
     assert gsm["engine"] == "hf" and gsm["throughput"]["examples_generated"] == 6
@@ -311,7 +312,7 @@ def _judged_argv(config: str | list[str], model: Path, out: Path, url: str) -> l
     configs = config if isinstance(config, list) else [config]
     return ["--config", *configs, "--sample-data", "--model", str(model), "--engine", "hf", "--max-tokens", "8",
             "--output-dir", str(out), "--no-progress", "--judge-base-url", url, "--judge-model", "tiny-judge",
-            "--judge-max-retries", "1", "--judge-backoff-s", "0.05"]  # fmt: skip
+            "--judge-max-retries", "1", "--judge-backoff-s", "0.05", "--protocol", "improved"]  # fmt: skip
 
 
 def test_sst_judge_unparsed_replies_cache_and_forced_verdicts(judge_server, tiny_qwen_dir, tmp_path):

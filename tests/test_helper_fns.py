@@ -29,3 +29,15 @@ def test_utf8_text_still_reads_in_both_formats(tmp_path):
     assert load_records(tmp_path / "a.jsonl") == [(f"{tmp_path / 'a.jsonl'}:1", {"problem": "café"}),
                                                   (f"{tmp_path / 'a.jsonl'}:3", {"problem": "π"})]
     assert load_records(tmp_path / "b.json") == [(f"{tmp_path / 'b.json'}[0]", {"problem": "café"})]
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    from utils.benchmarks.eval_config import load_eval_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("benchmark: gsm8k\nmax_tokens: [1, 2\ntemperature: 0\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml:3:\d+: not valid YAML"):
+        load_eval_config(bad, {"max_tokens", "temperature"})
+    good = tmp_path / "good.yaml"
+    good.write_text("benchmark: gsm8k\nmax-tokens: 5\n")
+    assert load_eval_config(good, {"max_tokens"}) == {"benchmark": "gsm8k", "max_tokens": 5}

@@ -14,7 +14,7 @@ from utils.benchmarks.mmlu import MMLU_CATEGORIES, SUBJECT_CATEGORY, MMLUBenchma
 from utils.benchmarks.sst import SSTBenchmark
 from utils.helper_fns import REPO_ROOT
 from utils.inference import Completion
-from utils.judges import judged_text, model_goes_first, parse_pairwise_choice, parse_safety_verdict
+from utils.benchmarks.judges import judged_text, model_goes_first, parse_pairwise_choice, parse_safety_verdict
 
 EVAL_SAMPLES = REPO_ROOT / "data" / "sft-instruct" / "eval"
 
@@ -137,7 +137,7 @@ def test_gsm8k_score_and_summary():
         ("The answer is B\nA. 12", "B"),
         # an explicit statement without a letter A-D is not an answer
         ("the answer is a mammal", None),
-        ("The correct answer is a", None),
+        ("The correct answer is a", "A"),  # a lower-case letter after "answer is" counts (no word follows)
         ("The correct answer is E.", None),
         # no statement: option labels only
         ("A", "A"),
@@ -155,7 +155,7 @@ def test_gsm8k_score_and_summary():
         ("A. 4\nB. 5", None),  # lists two options
         ("Vitamin D.", None),  # a letter in a name, not a label
         ("I think it is B) because", None),  # a label only counts at a line start
-        ("  d  ", None),  # lower case letters are not read
+        ("  d  ", None),  # a lone lower-case letter is not a label
         ("", None),
     ],
 )

@@ -18,11 +18,14 @@ import torch
 
 
 def rng_state() -> dict:
+    """Every RNG the training loop may draw from, as tensors and plain Python values only, so that the state loads
+    with `torch.load(weights_only=True)` (numpy's key array is stored as an int64 tensor)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -31,14 +34,49 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    random.setstate(_as_tuples(state["python"]))
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # older checkpoints stored the array
+        np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    """random.setstate wants the nested tuples random.getstate gave (a JSON or pickle round trip may make lists)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def load_trainer_state(path: str | Path, mmap: bool = False) -> dict:
+    """Read `trainer_state.pt` without running code from it: `weights_only=True` admits tensors, containers and plain
+    values (plus numpy's array reconstruction, which older checkpoints of this repo used for the numpy RNG).
+
+    Raises:
+        SystemExit: naming the file when it holds anything else (a tampered or foreign file is never unpickled).
+    """
+    import pickle
+
+    allowed = []
+    try:
+        import numpy as np
+
+        from numpy._core.multiarray import _reconstruct
+
+        allowed = [np.dtype, np.ndarray, _reconstruct, type(np.dtype("uint32"))]
+    except ImportError:
+        pass
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:200]
+        raise SystemExit(f"{path}: refused to load: it holds objects other than tensors and plain values ({first}). "
+                         f"Checkpoints written by this repo never do; a file that does could run code when "
+                         f"unpickled") from None  # fmt: skip
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -105,34 +143,40 @@ def save_checkpoint(
 
         served = cast_state_dict(full, save_dtype)
     narrowed = any(v.is_floating_point() and v.dtype != served[k].dtype for k, v in full.items())
-    target.save_pretrained(tmp, state_dict=dict(served))  # a copy: save_pretrained drops tied keys from its argument
-    if save_dtype is not None:
-        from utils.serving import ensure_generation_eos, write_config_dtype
+    try:
+        target.save_pretrained(tmp, state_dict=dict(served))  # a copy: it drops tied keys from its argument
+        if save_dtype is not None:
+            from utils.serving import ensure_generation_eos, write_config_dtype
 
-        write_config_dtype(tmp, save_dtype)
-        ensure_generation_eos(tmp, tokenizer.eos_token_id)
-    tokenizer.save_pretrained(tmp)
-    (tmp / RESUME_DIR).mkdir()
-    if sharded_state is not None:
-        os.replace(sharded_state, tmp / RESUME_DIR / "dcp")
-        optimizer, optimizer_state = None, None
-    elif narrowed:
-        from safetensors.torch import save_file
+            write_config_dtype(tmp, save_dtype)
+            ensure_generation_eos(tmp, tokenizer.eos_token_id)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RESUME_DIR).mkdir()
+        if sharded_state is not None:
+            os.replace(sharded_state, tmp / RESUME_DIR / "dcp")
+            optimizer, optimizer_state = None, None
+        elif narrowed:
+            from safetensors.torch import save_file
 
-        # tied weights share storage; safetensors refuses shared tensors, so each entry gets its own
-        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in full.items()},
-                  str(tmp / RESUME_DIR / "model.safetensors"))  # fmt: skip
-    if optimizer_state is None and optimizer is not None:
-        optimizer_state = optimizer.state_dict()
-    torch.save(
-        {
-            "optimizer": optimizer_state,
-            "rng": rng_state(),
-            "trainer_state": trainer_state,
-            "sharded": sharded_state is not None,
-        },
-        tmp / RESUME_DIR / "trainer_state.pt",
-    )
+            # tied weights share storage; safetensors refuses shared tensors, so each entry gets its own
+            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in full.items()},
+                      str(tmp / RESUME_DIR / "model.safetensors"))  # fmt: skip
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        torch.save(
+            {
+                "optimizer": optimizer_state,
+                "rng": rng_state(),
+                "trainer_state": trainer_state,
+                "sharded": sharded_state is not None,
+            },
+            tmp / RESUME_DIR / "trainer_state.pt",
+        )
+    except OSError as e:  # a full disk, a quota: say so, and leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(root)
+        raise SystemExit(f"checkpoint at step {step} not saved: {e.strerror or e} while writing {tmp}; the partial "
+                         f"folder was removed. Last complete checkpoint: {last or 'none'}") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -180,7 +224,7 @@ def load_checkpoint(
         from utils.distributed import load_sharded_state
 
         load_sharded_state(target, optimizer, path / RESUME_DIR / "dcp")
-        blob = torch.load(resume_state_file(path), map_location="cpu", weights_only=False)
+        blob = load_trainer_state(resume_state_file(path))
         set_rng_state(blob["rng"])
         return blob["trainer_state"]
     full_precision = path / RESUME_DIR / "model.safetensors"
@@ -191,9 +235,15 @@ def load_checkpoint(
     reader = not sharded or dist_info.is_main  # under FSDP rank 0 reads and broadcasts; the others receive
     state = {}
     for f in files if reader else []:
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except Exception as e:  # safetensors raises its own error type for a truncated or corrupt file
+            others = [p.name for p in sorted(path.parent.glob("step_*")) if p.resolve() != path.resolve()
+                      and resume_state_file(p) is not None]  # fmt: skip
+            raise SystemExit(f"{f}: unreadable weights ({type(e).__name__}: {e}); the checkpoint is damaged. "
+                             f"Other complete checkpoints in {path.parent}: {', '.join(others) or 'none'}") from None
     # mmap: a rank that only needs the RNG states and the step does not page in the optimizer state
-    blob = torch.load(resume_state_file(path), map_location="cpu", weights_only=False, mmap=True)
+    blob = load_trainer_state(resume_state_file(path), mmap=True)
     if sharded:
         from utils.distributed import load_full_state
 

@@ -18,6 +18,11 @@ def add_run_flags(group) -> None:
     group.add_argument("--keep-last", type=int, default=2, help="newest checkpoints kept (0 = all)")
     group.add_argument("--resume", action="store_true",
                        help="continue <output-dir>/<run-name> from its latest checkpoint")
+    group.add_argument("--overwrite", action="store_true",
+                       help="the run folder holds another run: move it aside (renamed, never deleted)")
+    group.add_argument("--allow-config-change", type=lambda s: [k.strip().replace("-", "_") for k in s.split(",")],
+                       default=[], metavar="KEY[,KEY]",
+                       help="--resume: settings allowed to differ from the run's config.json (recorded)")
     group.add_argument("--wandb-project", default="", help="mirror metrics to this wandb project (empty = local only)")
     group.add_argument("--peak-tflops", type=float, default=989.0,
                        help="accelerator bf16 dense peak for MFU on CUDA (H100/H200 SXM: 989)")
@@ -138,22 +143,72 @@ def add_gpu_node_flags(group, colocated_vllm: bool) -> None:
     """Flags both train scripts share for runs on a real GPU node: the served checkpoint's dtype, the memory plan,
     wandb placement and (`colocated_vllm`: the reasoning trainer) vLLM sleep between in-loop evaluations."""
     group.add_argument("--save-dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                       help="dtype of the saved (served, uploaded) weights; auto = the base model's declared dtype "
-                            "(bf16 for Qwen2.5 / Llama-3). Resume keeps full precision in trainer_state/")
+                       help="dtype of the served weights (auto = the base model's; resume state stays full precision)")
     group.add_argument("--plan-only", action="store_true",
-                       help="print the per-GPU memory plan for these flags and exit (0 = fits, 3 = does not); "
-                            "reads only the model's config.json")
+                       help="print the per-GPU memory plan and exit: 0 = fits, 3 = does not (reads config.json only)")
     group.add_argument("--gpu-memory-gib", type=float, default=0,
-                       help="plan for a GPU of this many GiB (0 = the visible GPU's memory; H100 80, H200 141)")
+                       help="plan for a GPU of N GiB (0 = the visible GPU's memory; H100 80, H200 141)")
     group.add_argument("--wandb-entity", default="", help="wandb team or user of the mirrored run (empty = default)")
     group.add_argument("--wandb-tags", default="", help="comma-separated wandb tags, e.g. 'sft,qwen1.5b'")
     if colocated_vllm:
         group.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=None,
-                           help="put the colocated vLLM engine to sleep (level 1) between evaluations, so training "
-                                "gets its memory back (default: on when vLLM shares the policy's GPU on CUDA; "
-                                "not applicable on CPU)")
+                           help="sleep vLLM between evals, freeing its memory (default: on when it shares the GPU)")
 
 
 def wandb_tags(text: str) -> list[str]:
     """`--wandb-tags "a, b"` -> ["a", "b"]."""
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ numeric flag ranges
+def _at_least(low):
+    return (lambda v: v >= low), f"must be >= {low}"
+
+
+def _at_least_or_minus_one(low, meaning):
+    return (lambda v: v >= low or v == -1), f"must be >= {low}, or -1 ({meaning})"
+
+
+# dest -> (valid?, what a valid value is). Each script checks the flags it has, before any model loads: a value out of
+# range fails at once with the flag's name instead of silently doing nothing (an eval every 0 steps) or crashing later.
+FLAG_RANGES = {
+    "micro_batch_size": _at_least(1),
+    "gradient_accumulation_steps": _at_least(1),
+    "max_seq_len": _at_least(2),
+    "pack_tokens": _at_least(2),
+    "lr": ((lambda v: v > 0), "must be > 0"),
+    "min_lr": _at_least(0),
+    "warmup_ratio": ((lambda v: 0 <= v < 1), "must be in [0, 1) (a fraction of the steps)"),
+    "weight_decay": _at_least(0),
+    "grad_clip": ((lambda v: v >= 0), "must be >= 0 (0 = no clipping)"),
+    "epochs": ((lambda v: v > 0 or v == -1), "must be > 0, or -1 (train --max-steps steps)"),
+    "max_steps": _at_least_or_minus_one(1, "use --epochs"),
+    "normalize_constant": ((lambda v: v > 0), "must be > 0"),
+    "num_examples": _at_least_or_minus_one(1, "all"),
+    "eval_every": _at_least_or_minus_one(1, "never"),
+    "save_every": _at_least_or_minus_one(1, "only at the end"),
+    "keep_last": ((lambda v: v >= 0), "must be >= 0 (0 = keep all)"),
+    "val_size": _at_least_or_minus_one(1, "all"),
+    "eval_max_rows": _at_least_or_minus_one(1, "all"),
+    "num_samples_logged": _at_least(0),
+    "max_examples": _at_least_or_minus_one(1, "all"),
+    "temperature": ((lambda v: v >= 0), "must be >= 0 (0 = greedy)"),
+    "top_p": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
+    "max_tokens": _at_least(1),
+    "n_samples": _at_least(1),
+    "gpu_memory_utilization": ((lambda v: 0 < v <= 1), "must be in (0, 1] (a share of the GPU's memory)"),
+    "max_model_len": _at_least_or_minus_one(1, "the model's context length"),
+    "max_num_seqs": _at_least(1),
+    "grader_workers": _at_least(1),
+    "grader_timeout_s": ((lambda v: v > 0), "must be > 0"),
+    "chunk_size": _at_least(0),
+    "peak_tflops": ((lambda v: v > 0), "must be > 0"),
+}
+
+
+def check_flag_ranges(args, ranges: dict = FLAG_RANGES) -> None:
+    """SystemExit naming the first flag of `args` whose value is outside its range in `ranges` (None = unset)."""
+    for dest, (valid, what) in ranges.items():
+        value = getattr(args, dest, None)
+        if value is not None and not valid(value):
+            raise SystemExit(f"--{dest.replace('_', '-')} {value}: {what}")

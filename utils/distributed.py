@@ -62,7 +62,9 @@ def shard_model(model: torch.nn.Module, info: DistInfo, precision: str) -> torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.split(":")[0], (info.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "mixed" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()
+    if precision == "mixed":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     layers = model.get_decoder().layers
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -188,7 +190,7 @@ def build_sharded_from_rank0(model_path, dtype: torch.dtype, info: DistInfo, pre
     config = AutoConfig.from_pretrained(str(model_path))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.config.name_or_path = str(model_path)  # vLLM and the tokenizer look the folder up here, as after from_pretrained
+    model.config.name_or_path = str(model_path)  # vLLM and the tokenizer look the folder up here (as from_pretrained)
     if prepare is not None:
         prepare(model)
     shard_model(model, info, precision)
@@ -212,10 +214,46 @@ def save_sharded_state(model, optimizer, folder) -> None:
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
 
 
+# What the `.metadata` file of a torch.distributed.checkpoint folder may name: DCP unpickles it with plain pickle
+# (torch 2.13), which would run any code a tampered file names, so it is read with this allowlist first.
+_DCP_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}  # fmt: skip
+
+
+def check_dcp_metadata(folder) -> None:
+    """Refuse a sharded checkpoint whose `.metadata` names anything beyond DCP's own metadata classes, torch dtypes and
+    paths (SystemExit naming the file); nothing in it is constructed before the check passes."""
+    import pickle
+
+    import torch
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            allowed = (module == "torch.distributed.checkpoint.metadata" or (module, name) in _DCP_METADATA_GLOBALS
+                       or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))  # fmt: skip
+            if not allowed:
+                raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+            return super().find_class(module, name)
+
+    path = Path(folder) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            Restricted(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError) as e:
+        raise SystemExit(f"{path}: refused to load ({e}): sharded checkpoints written by this repo hold only DCP "
+                         f"metadata; this file could run code when unpickled") from None
+
+
 def load_sharded_state(model, optimizer, folder) -> None:
     """Load `save_sharded_state`'s files into `model` and `optimizer`, resharded to this run's ranks (or into a plain
-    model in one process)."""
+    model in one process). The metadata is checked first (`check_dcp_metadata`)."""
     import torch.distributed.checkpoint as dcp
+
+    check_dcp_metadata(folder)
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)  # the target layout; the optimizer state is initialized

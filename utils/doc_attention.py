@@ -24,7 +24,6 @@ import torch
 
 from utils.packing import cu_seqlens_from_position_ids
 
-
 ATTENTION_BACKENDS = ("varlen", "sdpa", "flex")
 VARLEN_IMPLEMENTATION = "sft_varlen"  # the names registered with transformers' AttentionInterface
 FLEX_IMPLEMENTATION = "sft_flex"

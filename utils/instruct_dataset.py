@@ -120,7 +120,9 @@ def _tokenize_documents(tokenizer, records: list[tuple[str, dict]], template: st
     }
 
 
-def _validated_records(path: Path) -> list[tuple[str, dict]]:
+def validated_records(path: Path) -> list[tuple[str, dict]]:
+    """`(location, record)` pairs of an instruction file, each with string `prompt` and `response` (ValueError naming
+    `file:line` otherwise)."""
     records = load_records(path)  # raises ValueError with file:line on malformed JSON / non-object lines
     if not records:
         raise ValueError(f"{path}: no records")
@@ -190,6 +192,8 @@ class PackedSFTDataset(Dataset):
         template = load_prompt("alpaca_sft") if template is None else template
         if "{response}" not in template:
             raise ValueError("template has no {response} placeholder: the prompt/response boundary is undefined")
+        if "{instruction}" not in template:
+            raise ValueError("template has no {instruction} placeholder: every document would lack its prompt")
         path = Path(dataset_path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file")
@@ -218,7 +222,7 @@ class PackedSFTDataset(Dataset):
                 if payload.get("key") == key:
                     self.cache_hit = True
                     return payload
-        docs = _tokenize_documents(tokenizer, _validated_records(path), template)
+        docs = _tokenize_documents(tokenizer, validated_records(path), template)
         if use_cache:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_path.with_name(self.cache_path.name + f".tmp{os.getpid()}")
@@ -301,10 +305,39 @@ class PackedSFTDataset(Dataset):
         )
 
 
-def iterate_batches(
-    dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield batches of stacked dataset items, one pass over the dataset.
+class _Batches:
+    """One epoch of stacked batches, re-iterable and sized like a `torch.utils.data.DataLoader` (`iterate_batches`)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self._pending: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)  # ceil(N / B)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(self.dataset)
+        gen = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            items = [self.dataset[int(j)] for j in order[start : start + self.batch_size]]
+            yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        # Callers written against the earlier generator version call next() on the result directly.
+        if self._pending is None:
+            self._pending = iter(self)
+        return next(self._pending)
+
+
+def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> _Batches:
+    """Batches of stacked dataset items covering one epoch, as a sized iterable (the CS336 contract, like a DataLoader).
+
+    `len()` is the number of batches of one epoch, ceil(len(dataset) / batch_size); each `iter()` runs one full epoch
+    in the same order (the order depends only on `shuffle` and `seed`); `next()` on the result itself also works and
+    walks one epoch once.
 
     Args:
         dataset: a map-style dataset whose items are dicts of equal-shape tensors (e.g. `PackedSFTDataset`).
@@ -313,13 +346,10 @@ def iterate_batches(
         seed: row-order seed.
 
     Returns:
-        Iterator of dicts of (B, seq_length) tensors, int64 for `PackedSFTDataset` (`input_ids`, `labels`,
+        A sized iterable of dicts of (B, seq_length) tensors, int64 for `PackedSFTDataset` (`input_ids`, `labels`,
         `position_ids`, `document_ids`).
+
+    Raises:
+        ValueError: batch_size < 1 (at the call, before any batch is built).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(dataset)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        items = [dataset[int(j)] for j in order[start : start + batch_size]]
-        yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return _Batches(dataset, batch_size, shuffle, seed)

@@ -54,6 +54,7 @@ class ReasonValidator:
         if val_size >= 0:
             order = sorted(order[:val_size])
         self.records = [val_records[i] for i in order]
+        self.keys = order  # val-file positions: each problem's samples are seeded by it (same across resumes)
         self.sample_ids = list(range(min(num_samples_logged, len(self.records))))
         self.benchmark = MathBenchmark(prompt_template=template, grader_workers=grader_workers)
         self.prompts = [self.benchmark.build_prompt(r) for r in self.records]
@@ -85,7 +86,7 @@ class ReasonValidator:
             # the training steps' cached blocks go back to the driver first, or waking vLLM finds its share taken
             torch.cuda.empty_cache()
         engine.load_weights(self.policy)  # wakes a sleeping engine, then syncs the current weights
-        completions = [c[0] for c in engine.generate(self.prompts, self.sampling)]
+        completions = [c[0] for c in engine.generate(self.prompts, self.sampling, request_keys=self.keys)]
         engine.sleep()  # a no-op unless the engine was built with sleep mode
         examples = [{"problem": r["problem"], "expected_answer": r["expected_answer"]} for r in self.records]
         scored = self.benchmark.score(examples, completions)

@@ -162,7 +162,47 @@ def config_changes(saved: dict, current: dict, ignore: Iterable[str]) -> dict[st
     return out
 
 
-def record_config(run_dir: Path, config: dict, resume: bool, ignore: Iterable[str] = (),
+# Settings a resume may change without changing what is trained or how it is evaluated: where logs go, how often
+# checkpoints are kept, how fast the grader or engine runs. Everything else must match the run's config.json.
+RESUME_SAFE_KEYS = ("resume", "overwrite", "allow_config_change", "eval_every", "save_every", "keep_last", "wandb_project",
+                    "wandb_entity", "wandb_tags", "grader_workers", "gpu_memory_utilization", "vllm_device",
+                    "peak_tflops", "cache_dir", "plan_only", "gpu_memory_gib", "vllm_sleep")  # fmt: skip
+
+
+def check_resume_config(run_dir: Path, settings: dict, ignore: Iterable[str] = RESUME_SAFE_KEYS,
+                        allowed_changes: Iterable[str] = ()) -> dict[str, tuple]:  # fmt: skip
+    """Before anything loads: compare a resume's flags with the run's config.json (only the keys in `settings`; the
+    derived ones are compared by `record_config` once known). SystemExit naming each refused change."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return {}
+    saved = _read_config(path)
+    saved = {k: v for k, v in saved.items() if k in settings}
+    return _refuse_changes(run_dir, saved, settings, ignore, allowed_changes)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path}: not readable as JSON ({e}); cannot check the resume's settings") from None
+
+
+def _refuse_changes(run_dir, saved, current, ignore, allowed_changes) -> dict[str, tuple]:
+    """Every changed setting (the resume-safe ones too, for the record); SystemExit on the others not allowed."""
+    changes = config_changes(saved, current, ())
+    refused = {k: v for k, v in changes.items() if k not in set(ignore) and k not in set(allowed_changes)}
+    if refused:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise SystemExit(
+            f"--resume with settings that change the training trajectory of {run_dir}:\n{lines}\nRun with the saved "
+            f"settings ({Path(run_dir) / 'config.json'}), or allow the change explicitly: --allow-config-change "
+            f"{','.join(refused)}"
+        )
+    return changes
+
+
+def record_config(run_dir: Path, config: dict, resume: bool, ignore: Iterable[str] = RESUME_SAFE_KEYS,
                   allowed_changes: Iterable[str] = ()) -> dict[str, tuple]:  # fmt: skip
     """Write `config.json` for a new run; on resume, refuse trajectory changes and append to `config_history.jsonl`.
 
@@ -173,7 +213,7 @@ def record_config(run_dir: Path, config: dict, resume: bool, ignore: Iterable[st
         allowed_changes: keys the user allows to change (`--allow-config-change`); recorded in the history.
 
     Returns:
-        The changed settings {key: (saved, new)} (all allowed, or the call raised).
+        Every changed setting {key: (saved, new)}, resume-safe ones included (all allowed, or the call raised).
 
     Raises:
         SystemExit: naming every changed setting that is not allowed.
@@ -182,18 +222,7 @@ def record_config(run_dir: Path, config: dict, resume: bool, ignore: Iterable[st
     if not resume or not path.exists():
         write_json(path, config)
         return {}
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: not readable as JSON ({e}); cannot check the resume's settings") from None
-    changes = config_changes(saved, config, ignore)
-    refused = {k: v for k, v in changes.items() if k not in set(allowed_changes)}
-    if refused:
-        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        raise SystemExit(
-            f"--resume with settings that change the training trajectory of {run_dir}:\n{lines}\nRun with the saved "
-            f"settings ({path}), or allow the change explicitly: --allow-config-change {','.join(refused)}"
-        )
+    changes = _refuse_changes(run_dir, _read_config(path), config, ignore, allowed_changes)
     append_jsonl(Path(run_dir) / "config_history.jsonl",
                  {"resumed_at": utc_stamp(), "changes": {k: list(v) for k, v in changes.items()}, "config": config})
     return changes

@@ -12,6 +12,12 @@ After the CPU demo run (figures in results/demo, which .gitignore lets be commit
 
 Numbers are printed as REFERENCE.md prints them (reasoning accuracies to 4 decimals; instruction benchmarks in
 percent), and published numbers are added as "published:" rows when a run's model is the reference model.
+
+The instruction table shows each checkpoint's headline numbers (the protocol it was evaluated under, see
+evaluate_instruct.py --protocol) and, side by side, the reference (published) and improved protocols' numbers: GSM8K
+and MMLU responses are scored by both parsers and SST replies by both rules in every run, so both columns fill from
+one generation pass; a number scored on the other protocol's generations (other prompt or sampling) is marked *,
+one from a reference run with deviating settings †. AlpacaEval has a number only for the protocol that ran.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from utils.plotting import (  # noqa: E402
     FIG_INSTRUCT_OVERLAY, FIG_MMLU_CATEGORIES, FIG_MMLU_SUBJECTS, FIG_REASON_ACCURACY, FIG_REASON_SWEEP,
-    FIG_REASON_TRAIN, INSTRUCT_HEADLINES, REASON_FMT, REFERENCE_INSTRUCT, REFERENCE_INSTRUCT_MODEL, REFERENCE_REASON,
-    REFERENCE_REASON_MODEL, expand_runs, fig_instruct_run, find_final_summary, last_value, load_instruct_evals,
+    FIG_REASON_TRAIN, INSTRUCT_EVAL_LAYOUT, INSTRUCT_HEADLINES, REASON_FMT, REFERENCE_INSTRUCT, REFERENCE_INSTRUCT_MODEL,
+    REFERENCE_REASON, REFERENCE_REASON_MODEL, expand_runs, fig_instruct_run, find_final_summary, last_value, load_instruct_evals,
     load_metrics, read_json, summary_metrics, sweep_points, warn,
 )  # fmt: skip
 
 BLANK = "–"
+PROTOCOLS = ("reference", "improved")  # evaluate_instruct.py --protocol
+SHORT_TITLES = {"gsm8k": "GSM8K", "mmlu": "MMLU", "sst": "SST safe", "alpaca_eval": "AlpacaEval LC"}
+OTHER_GENERATIONS, DEVIATED = "*", "†"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,6 +123,37 @@ def sweep_section(args, figures_dir: Path, output: Path) -> list[str]:
             + table(["traces", "unique examples", "run", "accuracy", "format accuracy", "scored on"], rows) + [""])
 
 
+def protocol_columns() -> list[str]:
+    return [f"{SHORT_TITLES[h.benchmark]} ({p})" for h in INSTRUCT_HEADLINES for p in PROTOCOLS]
+
+
+def protocol_cells(run_path: Path, checkpoint: str) -> list[str]:
+    """The protocol a checkpoint was evaluated under, then each headline per protocol (see the module docstring).
+
+    Reads the benchmarks' summary.json files: `protocol` and `protocol_deviations` at the top, `metrics.scorers`
+    (per-protocol numbers on the same responses) and the headline in `metrics`. A summary written before protocols
+    existed has no `protocol`: its number is left out of the per-protocol columns.
+    """
+    protocols, cells = set(), []
+    for h in INSTRUCT_HEADLINES:
+        path = run_path / INSTRUCT_EVAL_LAYOUT.format(checkpoint=checkpoint, benchmark=h.benchmark)
+        summary = (read_json(path) if path.exists() else None) or {}
+        metrics, ran = summary_metrics(summary), summary.get("protocol")
+        if ran:
+            protocols.add(ran)
+        for p in PROTOCOLS:
+            value = (metrics.get("scorers") or {}).get(p, {}).get(h.key)
+            if value is None and ran == p:
+                value = metrics.get(h.key)
+            cell = fmt(value, h.fmt)
+            if cell != BLANK and ran != p:
+                cell += OTHER_GENERATIONS
+            if cell != BLANK and ran == "reference" and summary.get("protocol_deviations"):
+                cell += DEVIATED
+            cells.append(cell)
+    return [" + ".join(sorted(protocols)) or BLANK] + cells
+
+
 def instruct_section(args, figures_dir: Path, output: Path) -> list[str]:
     runs = expand_runs(args.instruct_runs, args.instruct_labels, "eval", "--instruct-runs")
     rows, models, figures = [], set(), []
@@ -129,17 +169,26 @@ def instruct_section(args, figures_dir: Path, output: Path) -> list[str]:
             missing = [h.name for h in INSTRUCT_HEADLINES if c.value(h) is None]
             if missing:
                 warn(f"{run.label} {c.name}: no {', '.join(missing)}; shown as {BLANK}")
-            rows.append([run.label, c.name] + [fmt(c.value(h), h.fmt) for h in INSTRUCT_HEADLINES])
+            rows.append([run.label, c.name] + [fmt(c.value(h), h.fmt) for h in INSTRUCT_HEADLINES]
+                        + protocol_cells(run.path, c.name))  # fmt: skip
     if not rows:
         return []
     if REFERENCE_INSTRUCT_MODEL in models and not args.no_published:
         for name, ref in REFERENCE_INSTRUCT.items():
-            rows.append([f"published: {name}", BLANK] + [fmt(ref.get(h.name), h.fmt) for h in INSTRUCT_HEADLINES])
+            published = [fmt(ref.get(h.name), h.fmt) for h in INSTRUCT_HEADLINES]
+            per_protocol = [cell for v in published for cell in (v, BLANK)]  # the published protocol's numbers
+            rows.append([f"published: {name}", BLANK] + published + ["reference"] + per_protocol)
     figures = [(FIG_INSTRUCT_OVERLAY, "runs overlaid")] * (len(figures) > 1) + figures + [
         (FIG_MMLU_CATEGORIES, "MMLU by category"), (FIG_MMLU_SUBJECTS, "MMLU per subject")]
-    header = ["run", "checkpoint"] + [h.title for h in INSTRUCT_HEADLINES]
+    header = ["run", "checkpoint"] + [h.title for h in INSTRUCT_HEADLINES] + ["protocol"] + protocol_columns()
+    notes = ("Each run: its base model (`base`) and its last evaluated checkpoint. The headline columns are the "
+             "protocol's the checkpoint was evaluated under (`protocol`); the (reference) / (improved) columns score "
+             f"the same responses by each protocol's parser or rule. {OTHER_GENERATIONS} = scored on generations made "
+             f"under the other protocol (another prompt or sampling), so not that protocol's own number; "
+             f"{DEVIATED} = a reference run with settings that deviate from the published ones (summary.json "
+             "`protocol_deviations`).")  # fmt: skip
     return (["## Instruction SFT", ""] + figure_links(figures, figures_dir, output) + table(header, rows)
-            + ["", "Each run: its base model (`base`) and its last evaluated checkpoint.", ""])
+            + ["", notes, ""])
 
 
 def main(args: argparse.Namespace) -> Path:

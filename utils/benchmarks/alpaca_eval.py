@@ -2,18 +2,22 @@
 
 Data: the reference outputs file, a JSON array (or JSON Lines) of `{instruction, output, generator, dataset}`; its
 `output` is the reference response. After generation the model's outputs are written in the same format to
-`model_outputs.json` (the file the `alpaca_eval` CLI also reads), then each pair is judged (utils/judges.py).
+`model_outputs.json` (the file the `alpaca_eval` CLI reads), then each pair is judged. Two protocols:
 
-Win rates are computed here, not by the `alpaca_eval` package: its length-controlled win rate downloads leaderboard
-data (`df_gamed.csv`, `instruction_difficulty.csv`) from the Hugging Face Hub at run time, and its annotators keep
-their own cache outside utils/openai_client.py. `summary.metrics.method` names the method that produced the numbers:
-
-- win_rate: share of parsed judgments where the model's response is preferred.
-- lc_win_rate: the length-controlled idea of Dubois et al. 2024 ("Length-Controlled AlpacaEval"): fit
-  P(model wins) = sigmoid(intercept + length_coef * tanh(d / std(d))), d = model minus reference length in characters,
-  by L2-penalized maximum likelihood, then predict with the length term at 0: lc_win_rate = sigmoid(intercept).
-  Without the package's per-instruction difficulty term and regularization toward its leaderboard baselines, so the
-  number is close to but not the same as alpaca_eval's `length_controlled_winrate`.
+- reference (the published one): the `alpaca_eval` package scores `model_outputs.json` against the 805 GPT-4 Turbo
+  baseline outputs (generator `gpt4_1106_preview`; a file by another generator, such as the text-davinci-003 outputs
+  bundled with the instructions file, is refused) with the standard pairwise ranking annotator and `--seed 1337`;
+  win_rate and lc_win_rate are its leaderboard's `win_rate` and `length_controlled_winrate`
+  (utils/benchmarks/alpaca_eval_package.py).
+- improved (offline, an APPROXIMATION of the package's numbers): our own pairwise judge (utils/benchmarks/judges.py)
+  through OpenAICompatClient's cache, and the rates computed here, with nothing fetched at run time:
+  - win_rate: share of parsed judgments where the model's response is preferred.
+  - lc_win_rate: the length-controlled idea of Dubois et al. 2024 ("Length-Controlled AlpacaEval"): fit
+    P(model wins) = sigmoid(intercept + length_coef * tanh(d / std(d))), d = model minus reference length in
+    characters, by L2-penalized maximum likelihood, then predict with the length term at 0: sigmoid(intercept).
+    Without the package's per-instruction difficulty term and regularization toward its leaderboard baselines, so
+    the number is close to but not the same as alpaca_eval's `length_controlled_winrate`.
+`summary.metrics.method` names the method that produced the numbers.
 """
 
 from __future__ import annotations
@@ -22,20 +26,31 @@ import math
 import os
 from pathlib import Path
 
-from utils.benchmarks.base import one_sample_each, select_examples
+from utils.benchmarks.base import check_protocol, mean, one_sample_each, select_examples
+from utils.benchmarks.judges import Judge, JudgedBenchmark, judge_pairwise, judged_output
 from utils.helper_fns import load_prompt, load_records, write_json
 from utils.inference import Completion
-from utils.judges import Judge, JudgedBenchmark, judge_pairwise, judged_text
 
 ZERO_SHOT_FRAME = "zero_shot_system_prompt"
 METHOD = "own_pairwise_judge+length_glm"
 METHOD_DETAIL = (
-    "pairwise judge (utils/judges.py PAIRWISE_SYSTEM_PROMPT) against the reference outputs, order fixed per "
+    "APPROXIMATION of alpaca_eval's win rates (not comparable to the published table): pairwise judge "
+    "(utils/benchmarks/judges.py PAIRWISE_SYSTEM_PROMPT) against the reference outputs, order fixed per "
     "instruction by a hash; win_rate = wins / parsed judgments; lc_win_rate = sigmoid(intercept) of a logistic fit of "
     "the win on tanh(standardized character-length difference) with L2 penalty 1, i.e. the length term set to 0 "
     "(Dubois et al. 2024 without the instruction-difficulty term); not computed by the alpaca_eval package"
 )
+PACKAGE_METHOD = "alpaca_eval_package"
+PACKAGE_METHOD_DETAIL = (
+    "alpaca_eval package (alpaca_eval evaluate, --seed 1337): standard pairwise ranking annotator "
+    "(evaluators_configs/alpaca_eval_gpt4/alpaca_eval.txt, ChatML, greedy, max_tokens 100, batch size 1, "
+    "ranking_parser) against the GPT-4 Turbo baseline outputs; win_rate / lc_win_rate = its leaderboard's win_rate / "
+    "length_controlled_winrate divided by 100"
+)
+REFERENCE_GENERATOR = "gpt4_1106_preview"  # the 805 GPT-4 Turbo baseline outputs (alpaca_eval_gpt4_baseline.json)
 REQUIRED_KEYS = ("instruction", "output", "generator", "dataset")
+ANNOTATOR_DIR = "alpaca_eval_annotator"  # in the benchmark's output folder
+PACKAGE_OUTPUT_DIR = "alpaca_eval_package"
 
 
 def _log_sigmoid(s: float) -> float:
@@ -102,29 +117,41 @@ def length_controlled_win_rate(wins: list[float], model_lengths: list[int], refe
     return {"lc_win_rate": _sigmoid(a), "intercept": a, "length_coef": b}
 
 
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
 
 class AlpacaEvalBenchmark(JudgedBenchmark):
     """AlpacaEval against a reference outputs file, judged pairwise after generation.
 
     A record holds `instruction`, `dataset`, `reference`, `reference_generator`, `response` (completion text),
-    `output` (the judged text, `judged_text`), `response_tokens`, `finish_reason`; judging adds `model_wins`
-    (True / False / None = unparsed), `model_position` (1 or 2) and `judge_reply`.
+    `output` (the judged text, `judged_output`), `response_tokens`, `finish_reason`; judging adds `model_wins`
+    (True / False / None = unparsed or, under the package, a tie) and `judge_reply`, plus `model_position` (1 or 2)
+    for our judge or `preference` (the package's: 1 = reference, 2 = model, 1.5 = tie) for the package.
 
     Args:
         frame_template: the text around the instruction, with one `{instruction}` slot; None = the zero-shot frame.
         generator: the name written as `generator` in model_outputs.json.
+        protocol: "reference" = the alpaca_eval package; "improved" = our offline judge and win rates.
+        max_concurrency: judge requests in flight under the package (ours take theirs from the Judge's client).
     """
 
     name = "alpaca_eval"
+    # The published settings, keyed like evaluate_instruct.py's flags (REFERENCE.md, "Evaluation protocol"); the
+    # package's annotator has its own fixed request settings (alpaca_eval_package.py).
+    scorers = {"reference": "alpaca_eval package, standard ranking annotator, seed 1337, vs GPT-4 Turbo outputs",
+               "improved": "own pairwise judge + length GLM without instruction difficulty (an approximation)"}
+    reference_settings = {"max_tokens": 1024, "max_model_len": 2048, "max_num_seqs": 32}
 
-    def __init__(self, frame_template: str | None = None, generator: str = "model"):
+    def __init__(self, frame_template: str | None = None, generator: str = "model", protocol: str = "improved",
+                 max_concurrency: int = 16):  # fmt: skip
+        check_protocol(protocol)
+        self.protocol = protocol
         self.frame_template = load_prompt(ZERO_SHOT_FRAME) if frame_template is None else frame_template
         if "{instruction}" not in self.frame_template:
             raise ValueError("the frame template has no {instruction} slot")
+        if protocol == "reference" and generator == REFERENCE_GENERATOR:
+            raise ValueError(f"generator name {generator!r} is the reference outputs' own; the package would score "
+                             f"the baseline against itself. Name the model something else")  # fmt: skip
         self.generator = generator
+        self.max_concurrency = max_concurrency
 
     def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
         """Read the reference outputs (JSON array or JSON Lines of `{instruction, output, generator, dataset}`).
@@ -132,6 +159,10 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
         Returns:
             `[{"index", "instruction", "reference", "reference_generator", "dataset"}]`, the first `max_examples`
             (-1 = all).
+
+        Raises:
+            ValueError: a malformed record, or (reference protocol) outputs by another generator than the GPT-4
+                Turbo baseline.
         """
         examples = []
         for i, (location, rec) in enumerate(load_records(path)):
@@ -142,6 +173,14 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
                 raise ValueError(f"{location}: empty instruction")
             examples.append({"index": i, "instruction": rec["instruction"], "reference": rec["output"],
                              "reference_generator": rec["generator"], "dataset": rec["dataset"]})  # fmt: skip
+        others = sorted({ex["reference_generator"] for ex in examples} - {REFERENCE_GENERATOR})
+        if self.protocol == "reference" and others:
+            raise ValueError(
+                f"{path}: reference outputs by {others}, but the reference protocol compares with the 805 GPT-4 Turbo "
+                f"baseline outputs (generator {REFERENCE_GENERATOR!r}: alpaca_eval_gpt4_baseline.json of the "
+                f"tatsu-lab/alpaca_eval dataset). The outputs bundled with the instructions file are another "
+                f"model's; pass the baseline file with --data"
+            )
         return select_examples(examples, max_examples)
 
     def build_prompt(self, example: dict) -> str:
@@ -157,7 +196,7 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
                 "reference": ex["reference"],
                 "reference_generator": ex["reference_generator"],
                 "response": c.text,
-                "output": judged_text(c.text, self.frame_template),
+                "output": judged_output(c.text, self.frame_template, self.protocol),
                 "response_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason,
             })  # fmt: skip
@@ -170,41 +209,75 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
                            "dataset": r["dataset"]} for r in records])  # fmt: skip
         return [path]
 
-    def judge(self, records: list[dict], judge: Judge) -> list[dict]:
-        return judge_pairwise(judge, [r["instruction"] for r in records], [r["output"] for r in records],
-                              [r["reference"] for r in records])  # fmt: skip
+    def judge(self, records: list[dict], judge: Judge, output_dir: Path) -> tuple[list[dict], dict]:
+        if self.protocol == "improved":
+            return judge_pairwise(judge, [r["instruction"] for r in records], [r["output"] for r in records],
+                                  [r["reference"] for r in records]), {}  # fmt: skip
+        return self._judge_with_package(records, judge, Path(output_dir))
+
+    def _judge_with_package(self, records: list[dict], judge: Judge, out: Path) -> tuple[list[dict], dict]:
+        """Run the alpaca_eval package on model_outputs.json (written by `export`) against these records' reference
+        outputs; per-record preferences from its annotations, win rates from its leaderboard."""
+        from utils.benchmarks import alpaca_eval_package as package
+
+        judge.client.check_server()  # an unreachable judge fails here, naming the URL, not deep inside the package
+        reference = out / "reference_outputs.json"  # the selected examples' reference outputs, for the package
+        write_json(reference, [{"instruction": r["instruction"], "output": r["reference"],
+                                "generator": r["reference_generator"], "dataset": r["dataset"]} for r in records])
+        annotator = package.write_annotator_config(out / ANNOTATOR_DIR, judge.config.model, judge.base_url)
+        row, annotations = package.run_alpaca_eval_package(
+            out / "model_outputs.json", reference, annotator, out / PACKAGE_OUTPUT_DIR,
+            api_key_env=judge.config.api_key_env, max_concurrency=self.max_concurrency)  # fmt: skip
+        by_instruction = {a["instruction"]: a for a in annotations}
+        judgments = []
+        for r in records:
+            a = by_instruction.get(r["instruction"], {})
+            preference = a.get("preference")
+            preference = None if preference is None or preference != preference else float(preference)  # NaN -> None
+            wins = None if preference is None or preference == 1.5 else preference > 1.5
+            judgments.append({"model_wins": wins, "preference": preference,
+                              "judge_reply": a.get("preference_raw_completion")})  # fmt: skip
+        set_metrics = {**package.leaderboard_metrics(row), "package_leaderboard": row,
+                       "package_version": package.package_version(), "package_seed": package.PACKAGE_SEED,
+                       "annotator": package.annotator_name(judge.config.model)}  # fmt: skip
+        return judgments, set_metrics
 
     def summarize(self, records: list[dict]) -> dict:
-        """Win rate and length-controlled win rate over parsed judgments (an unparsed reply is neither a win nor a
-        loss: it is counted in `n_unparsed` and `judge_parsed_rate`). Judge metrics are None until every record is
-        judged. Rates are fractions (0.0523, not 5.23)."""
+        """Win rate and length-controlled win rate. Improved: computed here over parsed judgments (an unparsed reply
+        is neither a win nor a loss: it is counted in `n_unparsed` and `judge_parsed_rate`). Reference: the package's
+        leaderboard numbers, added by `judge` (None here); `n_unparsed` counts pairs without a preference. Judge
+        metrics are None until every record is judged. Rates are fractions (0.0523, not 5.23)."""
         judged = [r for r in records if "model_wins" in r]
+        package = self.protocol == "reference"
         out = {
             "num_examples": len(records),
             "num_judged": len(judged),
             "win_rate": None,
             "lc_win_rate": None,
-            "method": METHOD,
-            "method_detail": METHOD_DETAIL,
+            "method": PACKAGE_METHOD if package else METHOD,
+            "method_detail": PACKAGE_METHOD_DETAIL if package else METHOD_DETAIL,
+            "approximation": not package,
             "n_wins": None,
             "n_losses": None,
             "n_unparsed": None,
             "judge_parsed_rate": None,
             "length_coef": None,
-            "mean_output_chars": _mean([len(r["output"]) for r in records]),
-            "mean_reference_chars": _mean([len(r["reference"]) for r in records]),
+            "mean_output_chars": mean([len(r["output"]) for r in records]),
+            "mean_reference_chars": mean([len(r["reference"]) for r in records]),
             "generator": self.generator,
             "reference_generators": sorted({r["reference_generator"] for r in records}),
-            "mean_response_tokens": _mean([r["response_tokens"] for r in records]),
-            "truncated_frac": _mean([float(r["finish_reason"] == "length") for r in records]),
         }
         if not records or len(judged) < len(records):
+            return out
+        if package:
+            parsed = [r for r in records if r.get("preference") is not None]
+            out.update({"n_unparsed": len(records) - len(parsed), "judge_parsed_rate": len(parsed) / len(records)})
             return out
         parsed = [r for r in records if r["model_wins"] is not None]
         wins = [float(r["model_wins"]) for r in parsed]
         lc = length_controlled_win_rate(wins, [len(r["output"]) for r in parsed], [len(r["reference"]) for r in parsed])
         out.update({
-            "win_rate": _mean(wins),
+            "win_rate": mean(wins),
             "lc_win_rate": lc["lc_win_rate"],
             "n_wins": int(sum(wins)),
             "n_losses": len(parsed) - int(sum(wins)),
@@ -213,4 +286,3 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
             "length_coef": lc["length_coef"],
         })  # fmt: skip
         return out
-

@@ -20,6 +20,22 @@ from utils.helper_fns import append_jsonl, write_json
 from utils.inference import Completion, InferenceEngine, SamplingConfig
 
 
+# Evaluation protocols of the instruction benchmarks (evaluate_instruct.py --protocol):
+# - "reference": the published table's protocol, every setting as REFERENCE.md gives it, the published parsers/rules;
+# - "improved": this repo's protocol: robust parsers, the frame a model was trained on, a strict judge-reply rule.
+PROTOCOLS = ("reference", "improved")
+# Settings the published protocol uses for every benchmark, keyed like evaluate_instruct.py's flags; each benchmark
+# class adds its own in `reference_settings`. Frame: the zero-shot frame for every model, greedy, stop at the frame's
+# closing code fence, stop string not kept.
+REFERENCE_COMMON_SETTINGS = {"prompt_format": "zero_shot", "frame_prompt": None, "stop": ["```"],
+                             "include_stop_str": False, "temperature": 0.0, "top_p": 1.0}  # fmt: skip
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+
+
 class Benchmark:
     """One evaluation task. Subclasses set `name` and implement the four methods.
 
@@ -28,6 +44,9 @@ class Benchmark:
     """
 
     name: str = ""
+    protocol: str | None = None  # "reference" | "improved" for the instruction benchmarks; None = only one way to score
+    reference_settings: dict = {}  # the published protocol's own settings (added to REFERENCE_COMMON_SETTINGS)
+    scorers: dict = {}  # protocol -> one line saying how that protocol scores a response (recorded in summaries)
 
     def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
         """Read and validate the data file; the first `max_examples` examples (-1 = all), each with "index"."""
@@ -42,8 +61,49 @@ class Benchmark:
         raise NotImplementedError
 
     def summarize(self, records: list[dict]) -> dict:
-        """Flat dict of metrics (numbers, or None when undefined) over scored records."""
+        """Flat dict of metrics (numbers, or None when undefined) over scored records; the runner adds the response
+        statistics every benchmark shares (`response_stats`)."""
         raise NotImplementedError
+
+
+def mean(xs: list[float]) -> float | None:
+    """The arithmetic mean, None for no values (a metric over zero examples is undefined, not 0)."""
+    return sum(xs) / len(xs) if xs else None
+
+
+def response_stats(records: list[dict]) -> dict:
+    """`mean_response_tokens` and `truncated_frac` (share that stopped at max_tokens) over every generated sample.
+
+    A record is one sample, or holds its n samples under `samples` (each with `response_tokens`, `finish_reason`).
+    """
+    samples = [s for rec in records for s in rec.get("samples", [rec])]
+    return {
+        "mean_response_tokens": mean([s["response_tokens"] for s in samples]),
+        "truncated_frac": mean([float(s["finish_reason"] == "length") for s in samples]),
+    }
+
+
+def scorer_metrics(records: list[dict], key: str = "correct") -> dict:
+    """Each protocol's parser on the same responses: `scorers` = {protocol: {accuracy, parsed_rate,
+    parsed_accuracy (correct among parsed responses, as the published MMLU numbers also report), n_correct}} from the
+    records' `<key>_<protocol>` and `prediction_<protocol>` fields, and `n_scorers_disagree` = records the two parsers
+    score differently (one right, one wrong)."""
+    scorers = {}
+    for p in PROTOCOLS:
+        parsed = [r for r in records if r[f"prediction_{p}"] is not None]
+        scorers[p] = {
+            "accuracy": mean([float(r[f"{key}_{p}"]) for r in records]),
+            "parsed_rate": mean([float(r[f"prediction_{p}"] is not None) for r in records]),
+            "parsed_accuracy": mean([float(r[f"{key}_{p}"]) for r in parsed]),
+            "n_correct": sum(1 for r in records if r[f"{key}_{p}"]),
+        }
+    disagree = sum(1 for r in records if r[f"{key}_reference"] != r[f"{key}_improved"])
+    return {"scorers": scorers, "n_scorers_disagree": disagree}
+
+
+def summarize_records(benchmark: Benchmark, records: list[dict]) -> dict:
+    """The metrics a summary holds: the benchmark's own, then the shared response statistics."""
+    return {**benchmark.summarize(records), **response_stats(records)}
 
 
 def select_examples(examples: list[dict], max_examples: int) -> list[dict]:
@@ -116,10 +176,39 @@ def _check_resume(records: list[dict], prompts: dict[int, str], generation: dict
                              f"(data file or prompt template changed); use another output folder")  # fmt: skip
 
 
+def model_identity(model_name: str) -> dict:
+    """Which weights a local model folder holds, beyond its name: the resolved folder (a `latest` link re-pointed
+    between runs resolves elsewhere) and a fingerprint of its weight and config files (names, sizes, and the first and
+    last MiB of each, so a retrained checkpoint in the same folder differs). Empty for a hub id or a live policy."""
+    import hashlib
+
+    folder = Path(model_name)
+    if not folder.is_dir():
+        return {}
+    digest = hashlib.sha256()
+    weights = (".safetensors", ".bin")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in weights or p.name == "config.json"))
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                digest.update(fh.read(1 << 20))
+    return {"model_resolved": str(folder.resolve()), "model_fingerprint": digest.hexdigest()[:16]}
+
+
 def generation_settings(benchmark: Benchmark, model_name: str, data_path: str | os.PathLike,
                         sampling: SamplingConfig) -> dict:  # fmt: skip
-    """What the records of an output folder depend on; stored as generation.json and compared on resume."""
-    return {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path), "sampling": asdict(sampling)}
+    """What the records of an output folder depend on; stored as generation.json and compared on resume. A benchmark
+    with a `protocol` adds it: a record's headline fields are scored under one protocol. A local model adds its
+    identity (`model_identity`), so records of two checkpoints behind one path never mix."""
+    settings = {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path),
+                "sampling": asdict(sampling), **model_identity(model_name)}  # fmt: skip
+    if benchmark.protocol is not None:
+        settings["protocol"] = benchmark.protocol
+    return settings
 
 
 def load_resumable(output_dir: str | os.PathLike, benchmark: Benchmark, examples: list[dict],
@@ -140,7 +229,7 @@ def load_resumable(output_dir: str | os.PathLike, benchmark: Benchmark, examples
 
 def run_benchmark(benchmark: Benchmark, engine: InferenceEngine, data_path: str | os.PathLike,
                   sampling: SamplingConfig, output_dir: str | os.PathLike | None, max_examples: int = -1,
-                  chunk_size: int = 512, use_tqdm: bool = True) -> dict:  # fmt: skip
+                  chunk_size: int = 512, use_tqdm: bool = True, extra: dict | None = None) -> dict:  # fmt: skip
     """Evaluate `engine` on a benchmark's data file, resumably.
 
     Builds every prompt, skips examples whose record is already in `output_dir/records.jsonl`, generates the rest in
@@ -160,10 +249,11 @@ def run_benchmark(benchmark: Benchmark, engine: InferenceEngine, data_path: str 
         chunk_size: examples per generate call (-1 = all in one call). Larger keeps vLLM's batch full longer;
             smaller loses less to an interruption.
         use_tqdm: progress bars.
+        extra: more top-level summary entries (the evaluate script's protocol and scoring settings).
 
     Returns:
         the summary dict written to summary.json: {"benchmark", "model", "engine", "data_path", "sampling",
-        "metrics": benchmark.summarize(...), "throughput": {...}}.
+        [protocol], **extra, "metrics": summarize_records(...), "throughput": {...}}.
     """
     from tqdm.auto import tqdm
 
@@ -192,7 +282,9 @@ def run_benchmark(benchmark: Benchmark, engine: InferenceEngine, data_path: str 
         chunk = todo[start : start + step]
         if chunk:
             t0 = time.perf_counter()
-            completions = engine.generate([prompts[ex["index"]] for ex in chunk], sampling, use_tqdm=use_tqdm)
+            # keyed by example index: a resumed run samples what the uninterrupted run did (utils.engine_base)
+            completions = engine.generate([prompts[ex["index"]] for ex in chunk], sampling, use_tqdm=use_tqdm,
+                                          request_keys=[ex["index"] for ex in chunk])
             t1 = time.perf_counter()
             scored = benchmark.score(chunk, completions)
             score_s += time.perf_counter() - t1
@@ -209,7 +301,8 @@ def run_benchmark(benchmark: Benchmark, engine: InferenceEngine, data_path: str 
         summary = {
             **generation,
             "engine": engine.backend,
-            "metrics": benchmark.summarize(selected),
+            **(extra or {}),
+            "metrics": summarize_records(benchmark, selected),
             "throughput": {
                 "examples_generated": n_generated,
                 "generated_tokens": n_tokens,

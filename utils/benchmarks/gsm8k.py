@@ -1,8 +1,13 @@
-"""GSM8K: grade-school word problems; the prediction is the last number in the response, compared numerically.
+"""GSM8K: grade-school word problems; the prediction is the last number in the response.
 
-The task text is `data/gsm8k_question.prompt` (`{question}\\nAnswer:`) placed in a frame: the zero-shot conversation
-frame (`data/zero_shot_system_prompt.prompt`) for a base model, or the Alpaca training template for a model fine-tuned
-on it (`frame_template`, see evaluate_instruct.py). Gold answers are the number after `####` in the `answer` field.
+Two protocols (see evaluate_instruct.py), both scored on every run so one generation pass gives both numbers:
+
+- improved: task text `data/gsm8k_question.prompt` (`{question}\\nAnswer:`) in the frame the model knows (the zero-shot
+  conversation frame for a base model, the Alpaca training template for a model fine-tuned on it); prediction = the
+  last number as people write it (`1,000`, `-3`, `2.50`), gold = the number after `####`, compared numerically.
+- reference: the published protocol (REFERENCE.md): task text = the question alone (`data/question_only.prompt`) in
+  the zero-shot frame; prediction = the last `\\d+` match of the response, gold = the last `\\d+` match of the whole
+  `answer` field, correct iff the two strings are equal. So "1,000" -> "000", "2.50" -> "50", "-3" -> "3".
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ import os
 import re
 from decimal import Decimal, InvalidOperation
 
-from utils.benchmarks.base import Benchmark, one_sample_each, select_examples
+from utils.benchmarks.base import Benchmark, check_protocol, mean, one_sample_each, scorer_metrics, select_examples
 from utils.helper_fns import load_prompt, load_records
 from utils.inference import Completion
 
 GSM8K_PROMPT = "gsm8k_question"  # data/gsm8k_question.prompt: "{question}\nAnswer:" (no trailing newline)
+QUESTION_ONLY_PROMPT = "question_only"  # data/question_only.prompt: "{question}", the published GSM8K task text
 ZERO_SHOT_FRAME = "zero_shot_system_prompt"  # data/zero_shot_system_prompt.prompt, one {instruction} slot
 
 # A number as people write it in prose. Read left to right:
@@ -53,6 +59,19 @@ def parse_last_number(text: str) -> str | None:
         return None
 
 
+REFERENCE_DIGITS_RE = re.compile(r"\d+")
+
+
+def parse_reference_number(text: str) -> str | None:
+    """The published GSM8K parser: the last run of digits in `text` as written, or None when there is none.
+
+    It reads no sign, separator or decimal point: "1,000" -> "000", "2.50" -> "50", "-3" -> "3". The same function
+    extracts the published gold answer from the dataset's whole `answer` field.
+    """
+    matches = REFERENCE_DIGITS_RE.findall(text or "")
+    return matches[-1] if matches else None
+
+
 def numbers_equal(prediction: str | None, gold: str) -> bool:
     """Numeric equality of two canonical number strings; a missing prediction is wrong."""
     if prediction is None:
@@ -74,26 +93,36 @@ def parse_gold(answer: str, location: str) -> str:
     return gold
 
 
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
 
 class GSM8KBenchmark(Benchmark):
-    """GSM8K with a last-number parser.
+    """GSM8K scored by both protocols' parsers; `prediction` and `correct` are the run's protocol's.
 
-    A record holds `question`, `gold` (canonical number string), `response` (the completion text), `prediction`
-    (canonical number string or None), `correct`, `response_tokens`, `finish_reason`.
+    A record holds `question`, `gold` (canonical number string, the improved gold), `gold_reference` (the published
+    gold: last digit run of the `answer` field), `response`, `prediction` / `correct` (the run's protocol),
+    `prediction_reference` / `correct_reference` and `prediction_improved` / `correct_improved` (both parsers on the
+    same response), `response_tokens`, `finish_reason`.
 
     Args:
         frame_template: the text around the task, with one `{instruction}` slot; None = the zero-shot frame.
-        task_template: the task text with a `{question}` slot; None = data/gsm8k_question.prompt.
+        task_template: the task text with a `{question}` slot; None = the protocol's (improved:
+            data/gsm8k_question.prompt, reference: data/question_only.prompt).
+        protocol: "improved" or "reference": which parser gives the headline `prediction` and `correct`.
     """
 
     name = "gsm8k"
+    # The published settings, keyed like evaluate_instruct.py's flags (REFERENCE.md, "Evaluation protocol").
+    scorers = {"reference": "last \\d+ match of the response == last \\d+ match of the answer field (strings)",
+               "improved": "last number (separators, sign, decimals) == the number after ####, numerically"}
+    reference_settings = {"task_prompt": "data/question_only.prompt", "max_tokens": 512, "max_model_len": 2048,
+                          "max_num_seqs": 32}  # fmt: skip
 
-    def __init__(self, frame_template: str | None = None, task_template: str | None = None):
+    def __init__(self, frame_template: str | None = None, task_template: str | None = None,
+                 protocol: str = "improved"):  # fmt: skip
+        check_protocol(protocol)
+        self.protocol = protocol
+        default_task = QUESTION_ONLY_PROMPT if protocol == "reference" else GSM8K_PROMPT
         self.frame_template = load_prompt(ZERO_SHOT_FRAME) if frame_template is None else frame_template
-        self.task_template = load_prompt(GSM8K_PROMPT) if task_template is None else task_template
+        self.task_template = load_prompt(default_task) if task_template is None else task_template
         if "{instruction}" not in self.frame_template:
             raise ValueError("the frame template has no {instruction} slot")
         if "{question}" not in self.task_template:
@@ -103,7 +132,7 @@ class GSM8KBenchmark(Benchmark):
         """Read GSM8K JSON Lines `{question, answer}`; every record is checked before anything is generated.
 
         Returns:
-            `[{"index", "question", "gold"}]`, the first `max_examples` (-1 = all).
+            `[{"index", "question", "gold", "gold_reference"}]`, the first `max_examples` (-1 = all).
         """
         examples = []
         for i, (location, rec) in enumerate(load_records(path)):
@@ -115,7 +144,8 @@ class GSM8KBenchmark(Benchmark):
                 answer = f"#### {answer}"
             if not isinstance(answer, str):
                 raise ValueError(f"{location}: 'answer' must be a string ending in '#### <number>', got {answer!r}")
-            examples.append({"index": i, "question": question, "gold": parse_gold(answer, location)})
+            examples.append({"index": i, "question": question, "gold": parse_gold(answer, location),
+                             "gold_reference": parse_reference_number(answer)})  # fmt: skip
         return select_examples(examples, max_examples)
 
     def build_prompt(self, example: dict) -> str:
@@ -125,26 +155,37 @@ class GSM8KBenchmark(Benchmark):
     def score(self, examples: list[dict], completions: list[list[Completion]]) -> list[dict]:
         records = []
         for ex, c in zip(examples, one_sample_each(self.name, examples, completions)):
-            prediction = parse_last_number(c.text)
+            # Examples built by hand may lack the published gold; it is then read from the canonical one.
+            gold_reference = ex.get("gold_reference") or parse_reference_number(ex["gold"])
+            improved = parse_last_number(c.text)
+            reference = parse_reference_number(c.text)
+            scores = {
+                "prediction_reference": reference,
+                "correct_reference": reference is not None and reference == gold_reference,
+                "prediction_improved": improved,
+                "correct_improved": numbers_equal(improved, ex["gold"]),
+            }
             records.append({
                 "question": ex["question"],
                 "gold": ex["gold"],
+                "gold_reference": gold_reference,
                 "response": c.text,
-                "prediction": prediction,
-                "correct": numbers_equal(prediction, ex["gold"]),
+                "prediction": scores[f"prediction_{self.protocol}"],
+                "correct": scores[f"correct_{self.protocol}"],
+                **scores,
                 "response_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason,
             })  # fmt: skip
         return records
 
     def summarize(self, records: list[dict]) -> dict:
-        """accuracy = correct / examples (an unparsed response counts wrong); parsed_rate = responses with a number."""
+        """accuracy = correct / examples (an unparsed response counts wrong); parsed_rate = responses with a number;
+        both for the run's protocol, and per protocol's parser under `scorers` (same responses)."""
         return {
             "num_examples": len(records),
-            "accuracy": _mean([float(r["correct"]) for r in records]),
-            "parsed_rate": _mean([float(r["prediction"] is not None) for r in records]),
+            "accuracy": mean([float(r["correct"]) for r in records]),
+            "parsed_rate": mean([float(r["prediction"] is not None) for r in records]),
             "n_correct": sum(1 for r in records if r["correct"]),
             "n_unparsed": sum(1 for r in records if r["prediction"] is None),
-            "mean_response_tokens": _mean([r["response_tokens"] for r in records]),
-            "truncated_frac": _mean([float(r["finish_reason"] == "length") for r in records]),
+            **scorer_metrics(records),
         }

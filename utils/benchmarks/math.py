@@ -11,7 +11,8 @@ import math
 import os
 from collections import Counter
 
-from utils.benchmarks.base import Benchmark, select_examples
+from utils.benchmarks.base import Benchmark, mean, response_stats, select_examples
+from utils.dataloader import checked_problem_and_answer
 from utils.helper_fns import load_prompt, load_records
 from utils.inference import Completion
 
@@ -47,13 +48,7 @@ def load_math_examples(path: str | os.PathLike, max_examples: int = -1) -> list[
     for i, (location, rec) in enumerate(load_records(path)):
         problem = _first_key(rec, PROBLEM_KEYS, location)
         answer = _first_key(rec, ANSWER_KEYS, location)
-        if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"{location}: the problem must be a non-empty string, got {problem!r}")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        valid_list = isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer)
-        if not (isinstance(answer, str) or valid_list):
-            raise ValueError(f"{location}: the answer must be a string or a list of strings, got {answer!r}")
+        answer = checked_problem_and_answer(location, problem, answer)
         examples.append({"index": i, "problem": problem, "expected_answer": answer})
     return select_examples(examples, max_examples)
 
@@ -73,9 +68,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 class MathBenchmark(Benchmark):
@@ -163,25 +155,24 @@ class MathBenchmark(Benchmark):
         out = {
             "num_examples": len(records),
             "num_samples": len(samples),
-            "accuracy": _mean([s["reward"] for s in samples]),
-            "format_accuracy": _mean([s["format_reward"] for s in samples]),
+            "accuracy": mean([s["reward"] for s in samples]),
+            "format_accuracy": mean([s["format_reward"] for s in samples]),
             "n_correct": len(correct),
             "n_formatted_wrong": sum(1 for s in samples if s["format_reward"] == 1 and s["answer_reward"] != 1),
             "n_unformatted": sum(1 for s in samples if s["format_reward"] != 1),
-            "mean_response_tokens": _mean([s["response_tokens"] for s in samples]),
-            "mean_response_tokens_correct": _mean([s["response_tokens"] for s in correct]),
-            "mean_response_tokens_incorrect": _mean([s["response_tokens"] for s in incorrect]),
-            "truncated_frac": _mean([float(s["finish_reason"] == "length") for s in samples]),
+            **response_stats(samples),  # also here: in-loop validation calls summarize without the runner
+            "mean_response_tokens_correct": mean([s["response_tokens"] for s in correct]),
+            "mean_response_tokens_incorrect": mean([s["response_tokens"] for s in incorrect]),
             "n_grader_timeouts": sum(1 for s in samples if s.get("grader_timed_out")),
         }
         n = min((len(rec.get("samples", [rec])) for rec in records), default=1)
         if n > 1:
             ks = sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
             for k in ks:
-                out[f"pass@{k}"] = _mean([
+                out[f"pass@{k}"] = mean([
                     pass_at_k(len(rec["samples"]), sum(s["reward"] == 1 for s in rec["samples"]), k) for rec in records
                 ])  # fmt: skip
-            out["majority_accuracy"] = _mean([_majority_reward(rec["samples"]) for rec in records])
+            out["majority_accuracy"] = mean([_majority_reward(rec["samples"]) for rec in records])
         return out
 
 

@@ -2,8 +2,11 @@
 
 Data: a folder of per-subject CSV files without a header, named `<subject>_test.csv` (searched recursively, so the
 published `mmlu/` folder with `test/`, `dev/`, `val/` inside works as well as a flat folder of test files); each row is
-question, A, B, C, D, answer letter. The task text is `data/mmlu_question.prompt` placed in a frame (zero-shot
-conversation frame or the Alpaca training template, see evaluate_instruct.py).
+question, A, B, C, D, answer letter; subjects in sorted order. The task text is `data/mmlu_question.prompt` placed in a
+frame (zero-shot conversation frame or the Alpaca training template, see evaluate_instruct.py).
+
+Both protocols' parsers score every response (`parse_mmlu_letter`, improved: an explicit statement first;
+`parse_reference_mmlu_letter`, the published one: the first standalone capital letter after upper-casing).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from utils.benchmarks.base import Benchmark, one_sample_each, select_examples
+from utils.benchmarks.base import Benchmark, check_protocol, mean, one_sample_each, scorer_metrics, select_examples
 from utils.helper_fns import load_prompt
 from utils.inference import Completion
 
@@ -51,14 +54,16 @@ MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
 SUBJECT_CATEGORY: dict[str, str] = {s: cat for cat, subjects in MMLU_CATEGORIES.items() for s in subjects}
 
 # --- answer parser ---------------------------------------------------------------------------------------------------
-# 1. An explicit statement wins: "answer is B", "answer: (C)", "answer would be **D**", "answer is option A". Only a
-#    capital letter counts, and it must not run into a word or number, so "The correct answer is 10000 polyomaviruses."
-#    and "the answer is a mammal" state no letter. The first statement is taken: the prompt asks for one sentence, and
-#    text after it is the model running on.
+# 1. An explicit statement wins: "answer is B", "answer: (C)", "answer would be **D**", "answer is option A". The letter
+#    must not run into a word or number, so "The correct answer is 10000 polyomaviruses." states no letter. A lower-case
+#    letter counts too ("The correct answer is b." -> B), except an "a" that a word follows: "the answer is a mammal"
+#    is the article. The first statement is taken: the prompt asks for one sentence, and text after it is the model
+#    running on.
 _EXPLICIT = re.compile(
     r"(?i:answer)(?:\s+(?i:is|would\s+be|should\s+be|will\s+be|must\s+be))?\s*[:=]?\s*"
-    r"(?:(?i:option|choice|letter)\s+)?[(\[*\"'`]*([A-D])(?![A-Za-z0-9])"
+    r"(?:(?i:option|choice|letter)\s+)?[(\[*\"'`]*([A-Da-d])(?![A-Za-z0-9])"
 )
+_WORD_AFTER = re.compile(r"\s+[A-Za-z]")
 # 2. Without one, a letter counts only where it is written as an option label: "(B)", "B." / "B)" / "B:" opening a
 #    line, "option B", "B is correct", or a response that is just the letter. A bare "A" in running text ("A good
 #    way to see it...") is the article, never an answer. When the labels name different letters, the response is
@@ -73,15 +78,17 @@ _BARE_LETTER = re.compile(r"^[\s(\[*\"'`]*([A-D])[\s)\]*\"'`.]*$")
 
 
 def parse_mmlu_letter(text: str) -> str | None:
-    """The option letter a response chooses ("A".."D"), or None when it states none or is ambiguous.
+    """The option letter a response chooses ("A".."D"), or None when it states none or is ambiguous (improved).
 
     "The correct answer is B. Because ..." -> "B"; "A common mistake... the correct answer is C" -> "C";
-    "The correct answer is 10000 polyomaviruses." -> None; "(D)" -> "D"; "A. 4\\nB. 5" -> None (two labels).
+    "The correct answer is b." -> "B"; "The correct answer is 10000 polyomaviruses." -> None; "(D)" -> "D";
+    "A. 4\\nB. 5" -> None (two labels).
     """
     text = text or ""
-    m = _EXPLICIT.search(text)
-    if m:
-        return m.group(1)
+    for m in _EXPLICIT.finditer(text):
+        if m.group(1) == "a" and _WORD_AFTER.match(text, m.end()):
+            continue  # "the answer is a mammal"
+        return m.group(1).upper()
     m = _BARE_LETTER.match(text)
     if m:
         return m.group(1)
@@ -89,30 +96,59 @@ def parse_mmlu_letter(text: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+# The published parser (REFERENCE.md): upper-case and strip the response, then the first of these that matches, in
+# order. The second one takes the first standalone letter A-D anywhere, so "A quick check: the correct answer is B"
+# -> "A", and "The correct answer is 10000 polyomaviruses." has no letter; the later ones only catch letters glued
+# to a word ("ANSWERB", "OPTION:C").
+REFERENCE_PATTERNS = tuple(re.compile(p) for p in (
+    r"^([ABCD])$", r"\b([ABCD])\b", r"ANSWER[:： ]*([ABCD])", r"OPTION[:： ]*([ABCD])", r"CHOICE[:： ]*([ABCD])",
+    r"\(([ABCD])\)",
+))  # fmt: skip
+
+
+def parse_reference_mmlu_letter(text: str) -> str | None:
+    """The published MMLU parser: group 1 of the first pattern in REFERENCE_PATTERNS that matches the upper-cased,
+    stripped response, or None (unparsed)."""
+    upper = (text or "").upper().strip()
+    for pattern in REFERENCE_PATTERNS:
+        m = pattern.search(upper)
+        if m:
+            return m.group(1)
+    return None
+
+
 def subject_of(path: Path) -> str:
     """`abstract_algebra_test.csv` -> `abstract_algebra`."""
     return path.name.removesuffix(".csv").removesuffix("_test")
 
 
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
 
 class MMLUBenchmark(Benchmark):
-    """MMLU with an explicit-statement-first letter parser.
+    """MMLU scored by both protocols' letter parsers; `prediction` and `correct` are the run's protocol's.
 
     A record holds `subject`, `category` (None for a subject outside the 57), `question`, `options`, `gold`,
-    `response`, `prediction` (letter or None), `correct`, `response_tokens`, `finish_reason`.
+    `response`, `prediction` (letter or None), `correct`, `prediction_reference` / `correct_reference` and
+    `prediction_improved` / `correct_improved` (both parsers on the same response), `response_tokens`,
+    `finish_reason`.
 
     Args:
         frame_template: the text around the task, with one `{instruction}` slot; None = the zero-shot frame.
         task_template: the task text (`{subject}`, `{question}`, `{options[0]}`..`{options[3]}`); None =
-            data/mmlu_question.prompt.
+            data/mmlu_question.prompt (both protocols).
+        protocol: "improved" or "reference": which parser gives the headline `prediction` and `correct`.
     """
 
     name = "mmlu"
+    # The published settings, keyed like evaluate_instruct.py's flags (REFERENCE.md, "Evaluation protocol").
+    scorers = {"reference": "upper+strip; first match of ^[ABCD]$, \\b[ABCD]\\b, ANSWER/OPTION/CHOICE[:： ]*X, (X)",
+               "improved": "explicit 'answer is X' first (lower case too), else one unambiguous option label"}
+    reference_settings = {"task_prompt": "data/mmlu_question.prompt", "max_tokens": 128, "max_model_len": 2048,
+                          "max_num_seqs": 64}  # fmt: skip
 
-    def __init__(self, frame_template: str | None = None, task_template: str | None = None):
+    def __init__(self, frame_template: str | None = None, task_template: str | None = None,
+                 protocol: str = "improved"):  # fmt: skip
+        check_protocol(protocol)
+        self.protocol = protocol
         self.frame_template = load_prompt(ZERO_SHOT_FRAME) if frame_template is None else frame_template
         self.task_template = load_prompt(MMLU_PROMPT) if task_template is None else task_template
         if "{instruction}" not in self.frame_template:
@@ -173,7 +209,10 @@ class MMLUBenchmark(Benchmark):
     def score(self, examples: list[dict], completions: list[list[Completion]]) -> list[dict]:
         records = []
         for ex, c in zip(examples, one_sample_each(self.name, examples, completions)):
-            prediction = parse_mmlu_letter(c.text)
+            scores = {"prediction_reference": parse_reference_mmlu_letter(c.text),
+                      "prediction_improved": parse_mmlu_letter(c.text)}  # fmt: skip
+            for p in ("reference", "improved"):
+                scores[f"correct_{p}"] = scores[f"prediction_{p}"] == ex["gold"]
             records.append({
                 "subject": ex["subject"],
                 "category": ex["category"],
@@ -181,8 +220,9 @@ class MMLUBenchmark(Benchmark):
                 "options": ex["options"],
                 "gold": ex["gold"],
                 "response": c.text,
-                "prediction": prediction,
-                "correct": prediction == ex["gold"],
+                "prediction": scores[f"prediction_{self.protocol}"],
+                "correct": scores[f"correct_{self.protocol}"],
+                **scores,
                 "response_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason,
             })  # fmt: skip
@@ -191,24 +231,24 @@ class MMLUBenchmark(Benchmark):
     def summarize(self, records: list[dict]) -> dict:
         """accuracy over all questions (an unparsed response counts wrong), parsed_rate, per-subject and per-category
         accuracy (both over questions, so a category's number weighs its subjects by size, as the overall one does),
-        and macro_accuracy = the unweighted mean of the per-subject accuracies."""
+        and macro_accuracy = the unweighted mean of the per-subject accuracies; all for the run's protocol, and
+        accuracy / parsed_rate per protocol's parser under `scorers` (same responses)."""
         by_subject: dict[str, list[float]] = {}
         by_category: dict[str, list[float]] = {}
         for r in records:
             by_subject.setdefault(r["subject"], []).append(float(r["correct"]))
             if r["category"] is not None:
                 by_category.setdefault(r["category"], []).append(float(r["correct"]))
-        per_subject = {s: _mean(v) for s, v in sorted(by_subject.items())}
+        per_subject = {s: mean(v) for s, v in sorted(by_subject.items())}
         return {
             "num_examples": len(records),
-            "accuracy": _mean([float(r["correct"]) for r in records]),
-            "parsed_rate": _mean([float(r["prediction"] is not None) for r in records]),
+            "accuracy": mean([float(r["correct"]) for r in records]),
+            "parsed_rate": mean([float(r["prediction"] is not None) for r in records]),
             "n_correct": sum(1 for r in records if r["correct"]),
             "n_unparsed": sum(1 for r in records if r["prediction"] is None),
-            "macro_accuracy": _mean(list(per_subject.values())),
+            "macro_accuracy": mean(list(per_subject.values())),
             "per_subject": per_subject,
-            "per_category": {c: _mean(by_category[c]) for c in MMLU_CATEGORIES if c in by_category},
+            "per_category": {c: mean(by_category[c]) for c in MMLU_CATEGORIES if c in by_category},
             "per_category_count": {c: len(by_category[c]) for c in MMLU_CATEGORIES if c in by_category},
-            "mean_response_tokens": _mean([r["response_tokens"] for r in records]),
-            "truncated_frac": _mean([float(r["finish_reason"] == "length") for r in records]),
+            **scorer_metrics(records),
         }
