@@ -309,12 +309,9 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
     from utils.helper_fns import check_writable_dir, seed_everything, write_json
     from utils.inference import SamplingConfig, make_engine
     from utils.benchmarks.judges import JudgeUnavailable, run_judging
+    from utils.model_setup import check_model_flag
     from utils.serving import choose_eval_dtype
 
-    from utils.model_setup import check_model_flag
-
-    if engine is None:
-        check_model_flag(args.model)
     model = args.model
     if Path(model).is_symlink():  # e.g. checkpoints/latest: records must name the step they came from
         model = str(Path(model).resolve())
@@ -359,6 +356,8 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
             print(f"{s.benchmark}: judged after generation by {how}{s.judge_model!r} at {s.judge_base_url}")
         prepared.append((s, benchmark, examples, out))
 
+    if engine is None:  # after every benchmark's checks, before anything loads
+        check_model_flag(args.model)
     seed_everything(args.runs[0].seed)
     summaries: dict[str, dict] = {}
     judge_failures: list[str] = []

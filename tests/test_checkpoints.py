@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from utils.checkpoints import latest_checkpoint, load_checkpoint, resume_state_file, save_checkpoint
 from utils.post_train import tokenize_prompt_and_output
 from utils.training import build_optimizer, train_step
 
@@ -69,9 +69,9 @@ class _Marker:
 def test_a_tampered_trainer_state_runs_no_code(model_and_batch, tmp_path):
     model, opt, _, second = _saved(model_and_batch, tmp_path / "ckpt")
     marker = tmp_path / "pwned"
-    blob = torch.load(second / "trainer_state.pt", weights_only=True)
+    blob = torch.load(resume_state_file(second), weights_only=True)
     blob["payload"] = _Marker(str(marker))
-    torch.save(blob, second / "trainer_state.pt")
+    torch.save(blob, resume_state_file(second))
     with pytest.raises(SystemExit, match=r"trainer_state.pt: refused to load"):
         load_checkpoint(second, model, opt)
     assert not marker.exists()
@@ -96,9 +96,9 @@ def test_old_numpy_rng_layout_still_loads(model_and_batch, tmp_path):
     import numpy as np
 
     model, opt, first, _ = _saved(model_and_batch, tmp_path / "ckpt")
-    blob = torch.load(first / "trainer_state.pt", weights_only=True)
+    blob = torch.load(resume_state_file(first), weights_only=True)
     blob["rng"]["numpy"] = np.random.get_state()  # how checkpoints of earlier versions stored it
-    torch.save(blob, first / "trainer_state.pt")
+    torch.save(blob, resume_state_file(first))
     expected = np.random.get_state()[1].copy()
     np.random.rand(5)
     load_checkpoint(first, model, opt)
@@ -112,3 +112,21 @@ def test_truncated_weights_name_the_file_and_the_other_checkpoints(model_and_bat
     with pytest.raises(SystemExit, match=r"step_000002/model.safetensors: unreadable weights .*damaged\. Other complete "
                                          r"checkpoints in .*ckpt: step_000001"):
         load_checkpoint(second, model, opt)
+
+
+def test_sharded_resume_state_with_a_tampered_metadata_file_runs_no_code(tmp_path):
+    """torch.distributed.checkpoint unpickles `.metadata` with plain pickle: our allowlist reads it first."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from utils.distributed import check_dcp_metadata
+
+    folder = tmp_path / "dcp"
+    dcp.save({"model": {"w": torch.ones(3)}}, checkpoint_id=str(folder), no_dist=True)
+    check_dcp_metadata(folder)  # what DCP itself writes passes
+    marker = tmp_path / "pwned"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Marker(str(marker))))
+    with pytest.raises(SystemExit, match=r"\.metadata: refused to load \((builtins|io)\.open is not allowed\)"):
+        check_dcp_metadata(folder)
+    assert not marker.exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -132,7 +133,6 @@ def read_full_state_dict(model_path, tied: bool) -> dict[str, torch.Tensor]:
     """Every tensor of a model folder's (or hub id's) safetensors files, on the CPU in the files' dtype (bf16 for a
     bf16 hub model: half the bytes to broadcast); with `tied`, `lm_head.weight` is added as the embedding
     (save_pretrained drops it)."""
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
