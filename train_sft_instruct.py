@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_deprecated_alias, add_run_flags, add_speed_flags, check_speed_flags,
-                             parse_with_presets)
+from utils.cli_flags import (add_deprecated_alias, add_lora_flags, add_run_flags, add_speed_flags, check_lora_flags,
+                             check_speed_flags, parse_with_presets)
 
 PRESETS = {
     "demo": dict(
@@ -90,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="seed of row order and model init (tiny)")
     g.add_argument("--run-name", default="", help="default: instruct_<model>_<mask|nomask>_<timestamp>")
     add_run_flags(g)
+    add_lora_flags(p)
     return parse_with_presets(p, PRESETS, argv)
 
 
@@ -101,6 +103,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--resume needs --run-name (the run folder to continue)")
     if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.max_seq_len < 2:
         raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1, --max-seq-len >= 2")
+    check_lora_flags(args.lora_r, args.lora_alpha, args.lora_dropout, args.merge_on_save,
+                     int(os.environ.get("WORLD_SIZE", "1")))
     for flag in ("train_file", "test_file", "prompt_template"):
         if not Path(getattr(args, flag)).exists():
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: file not found "
@@ -148,6 +152,11 @@ def main(args: argparse.Namespace) -> dict:
     model, tokenizer, model_path = load_policy(args.model, run_dir, "llama", texts, model_dtype_for(precision), device,
                                                args.seed, args.gradient_checkpointing, attention=args.attention,
                                                liger=args.liger)
+    if args.lora_r > 0:
+        from utils.lora import apply_lora
+
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                           args.gradient_checkpointing)
     template = load_prompt(args.prompt_template)
     ds_kwargs = dict(seq_length=args.max_seq_len, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
                      cache_dir=args.cache_dir or None)
@@ -209,6 +218,10 @@ def main(args: argparse.Namespace) -> dict:
         if info.is_main:
             path = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last,
                                    state_dict=sd, optimizer_state=osd)
+            if args.merge_on_save:
+                from utils.lora import save_merged_model
+
+                say(f"merged model: {save_merged_model(model, tokenizer, path / 'merged')}")
         D.barrier(info)
         return path
 

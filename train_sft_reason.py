@@ -9,7 +9,8 @@ Smoke run of the real pipeline on the demo data:
     python train_sft_reason.py --preset demo --max-steps 20 --eval-every 10 --run-name smoke
 
 Each run writes results/<run>/config.json (before step 0), metrics.jsonl (train/* per step, eval/* per eval),
-samples/step_XXXXX.jsonl (fixed example generations) and checkpoints/step_XXXXXX (HF folders vLLM loads).
+samples/step_XXXXX.jsonl (fixed example generations) and checkpoints/step_XXXXXX (HF folders vLLM loads; with
+--lora-r the adapter in PEFT's format, plus merged/ with --merge-on-save).
 
 Flags in more detail:
   --loss-normalization  per_example: mean over each example's response tokens, then over examples (the reference's
@@ -30,8 +31,8 @@ import math
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_deprecated_alias, add_run_flags, add_speed_flags, check_speed_flags,
-                             parse_with_presets)
+from utils.cli_flags import (add_deprecated_alias, add_lora_flags, add_run_flags, add_speed_flags, check_lora_flags,
+                             check_speed_flags, parse_with_presets)
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
@@ -120,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=1337, help="seed of data order, model init (tiny) and sampling")
     g.add_argument("--run-name", default="", help="default: reason_<model>_<n>ex_<timestamp>")
     add_run_flags(g)
+    add_lora_flags(p)
     args = parse_with_presets(p, PRESETS, argv)
     if "min_lr_ratio" in vars(args):  # the deprecated relative spelling, turned into the absolute one
         args.min_lr = args.lr * vars(args).pop("min_lr_ratio")
@@ -139,6 +141,7 @@ def check_args(args: argparse.Namespace) -> None:
                          "a kept example would not fit a row")
     if args.loss_normalization != "constant" and args.normalize_constant != 1.0:
         raise SystemExit("--normalize-constant only applies with --loss-normalization constant")
+    check_lora_flags(args.lora_r, args.lora_alpha, args.lora_dropout, args.merge_on_save)
     for f in ("train_file", "val_file", "prompt_template"):
         if not Path(getattr(args, f)).exists():
             download = " (download it: python play-scripts/data-scripts/download_data.py)"
@@ -198,6 +201,11 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
                                                model_dtype_for(precision), device, args.seed,
                                                args.gradient_checkpointing, attention=args.attention,
                                                liger=args.liger)
+    if args.lora_r > 0:
+        from utils.lora import apply_lora
+
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                           args.gradient_checkpointing)
     kept, lengths = drop_overlong(prompts, responses, tokenizer, args.max_seq_len)
     n_dropped = len(prompts) - len(kept)
     prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
@@ -270,6 +278,10 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
                 validator.run(step, logger)
             if step == steps or (args.save_every > 0 and step % args.save_every == 0):
                 last_good = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last)
+                if args.merge_on_save:
+                    from utils.lora import save_merged_model
+
+                    print(f"merged model: {save_merged_model(model, tokenizer, last_good / 'merged')}")
     finally:
         validator.close()
         logger.close()

@@ -99,7 +99,8 @@ def save_checkpoint(
     """Write `ckpt_root/step_XXXXXX/` atomically and point the `ckpt_root/latest` symlink at it; keep the newest
     `keep_last`.
 
-    The folder is a complete HF model + tokenizer (loadable by vLLM and `from_pretrained`) plus
+    The folder is a complete HF model + tokenizer (loadable by vLLM and `from_pretrained`), or for a PEFT model its
+    adapter in PEFT's format (`PeftModel.save_pretrained`; see `utils.lora.save_merged_model` for a full folder), plus
     `trainer_state.pt` with the optimizer state, RNG states and `trainer_state` (step, data position, ...).
     Under FSDP, rank 0 passes the consolidated `state_dict` and `optimizer_state` (see `utils.distributed`).
     """
@@ -161,11 +162,21 @@ def load_checkpoint(
 ) -> dict:
     """Load weights, optimizer state and RNG states from a checkpoint folder; returns its `trainer_state` dict.
 
-    With FSDP (`dist_info.enabled`) every rank reads the consolidated files and loads its shard.
+    With FSDP (`dist_info.enabled`) every rank reads the consolidated files and loads its shard. A LoRA checkpoint
+    (an `adapter_config.json` folder, from a PEFT `model`) restores the adapter weights only (`utils.lora`).
     """
     from safetensors.torch import load_file
 
     path = Path(path)
+    if (path / "adapter_config.json").exists():  # a LoRA run: the folder holds the adapter, not the full weights
+        from utils.lora import load_adapter_state
+
+        load_adapter_state(model, path)
+        blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if optimizer is not None and blob["optimizer"] is not None:
+            optimizer.load_state_dict(blob["optimizer"])
+        set_rng_state(blob["rng"])
+        return blob["trainer_state"]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights in checkpoint")
