@@ -26,8 +26,8 @@ import os
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_deprecated_alias, add_lora_flags, add_run_flags, add_speed_flags, check_lora_flags,
-                             check_speed_flags, parse_with_presets)
+from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_lora_flags, add_run_flags, add_speed_flags,
+                             check_lora_flags, check_speed_flags, parse_with_presets)
 
 PRESETS = {
     "demo": dict(
@@ -55,8 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="meta-llama/Llama-3.1-8B",
                    help="HF hub id or folder; 'tiny' = a tiny Llama + BPE built from the training texts")
     g.add_argument("--train-file", default="data/sft-instruct/train.jsonl",
-                   help="{prompt, response} JSON Lines (.gz ok)")
-    g.add_argument("--test-file", default="data/sft-instruct/test.jsonl", help="held-out split for the eval loss")
+                   help="{prompt, response} JSON Lines (.gz ok) or Parquet, or a hub dataset id")
+    g.add_argument("--test-file", default="data/sft-instruct/test.jsonl",
+                   help="held-out split for the eval loss (file or hub dataset id)")
+    add_data_source_flags(g, {"--train-split": ("train", "split of a hub --train-file"),
+                              "--test-split": ("test", "split of a hub --test-file")})
     g.add_argument("--prompt-template", default="data/alpaca_sft.prompt",
                    help="document template with {instruction} and {response}")
     add_deprecated_alias(g, "--template", "--prompt-template")
@@ -105,7 +108,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1, --max-seq-len >= 2")
     check_lora_flags(args.lora_r, args.lora_alpha, args.lora_dropout, args.merge_on_save,
                      int(os.environ.get("WORLD_SIZE", "1")))
+    from utils.data_sources import is_hub_id
+
     for flag in ("train_file", "test_file", "prompt_template"):
+        if flag != "prompt_template" and is_hub_id(getattr(args, flag)):
+            continue  # loaded (or refused, offline) through `datasets` before the model
         if not Path(getattr(args, flag)).exists():
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: file not found "
                              "(download: python play-scripts/data-scripts/download_data.py --only sft-instruct)")
@@ -117,7 +124,7 @@ def main(args: argparse.Namespace) -> dict:
     from utils import distributed as D
     from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.data_order import ExampleStream
-    from utils.helper_fns import check_writable_dir, load_prompt, pick_device, read_jsonl, seed_everything
+    from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
     from utils.instruct_dataset import PackedSFTDataset
     from utils.packing import rows_to_batch
     from utils.metrics_logger import MetricsLogger, format_step_line
@@ -145,7 +152,12 @@ def main(args: argparse.Namespace) -> dict:
     say = print if info.is_main else (lambda *a, **k: None)
 
     # ---- model and data (rank 0 builds a tiny model first so other ranks load the same one)
-    texts = [r["prompt"] + "\n" + r["response"] for r in read_jsonl(args.train_file)] if args.model == "tiny" else []
+    texts = []
+    if args.model == "tiny":
+        from utils.data_sources import load_records
+
+        texts = [r["prompt"] + "\n" + r["response"]
+                 for _, r in load_records(args.train_file, args.train_split, args.data_config)]
     if info.is_main:
         load_policy(args.model, run_dir, "llama", texts, torch.float32, "cpu", args.seed, build_model=False)
     D.barrier(info)
@@ -159,12 +171,12 @@ def main(args: argparse.Namespace) -> dict:
                            args.gradient_checkpointing)
     template = load_prompt(args.prompt_template)
     ds_kwargs = dict(seq_length=args.max_seq_len, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
-                     cache_dir=args.cache_dir or None)
+                     cache_dir=args.cache_dir or None, config=args.data_config)
     # Rank 0 tokenizes (and caches) first; the other ranks then read its cache instead of repeating the work.
     for turn in ((True, False) if info.enabled else (True,)):
         if info.is_main == turn:
-            train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, **ds_kwargs)
-            test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, **ds_kwargs)
+            train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, split=args.train_split, **ds_kwargs)
+            test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, split=args.test_split, **ds_kwargs)
         D.barrier(info)
     rows_per_step = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
     steps = math.ceil(args.epochs * len(train_ds) / rows_per_step) if args.epochs > 0 else args.max_steps

@@ -31,8 +31,8 @@ import math
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_deprecated_alias, add_lora_flags, add_run_flags, add_speed_flags, check_lora_flags,
-                             check_speed_flags, parse_with_presets)
+from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_lora_flags, add_run_flags, add_speed_flags,
+                             check_lora_flags, check_speed_flags, parse_with_presets)
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
@@ -68,9 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B",
                    help="HF hub id or local folder; 'tiny' = a tiny Qwen2 + BPE built from the training texts")
     g.add_argument("--train-file", default="data/sft-reason/sft_gpt-oss-120b_filtered.jsonl",
-                   help="JSONL or JSON array of {problem, reasoning_trace|response, expected_answer}")
+                   help="JSONL, JSON array or Parquet of {problem, reasoning_trace|response, expected_answer}, or a "
+                        "hub dataset id")
     g.add_argument("--val-file", default="data/sft-reason/val.jsonl",
-                   help="JSONL or JSON array of {problem, expected_answer}")
+                   help="JSONL, JSON array or Parquet of {problem, expected_answer}, or a hub dataset id")
+    add_data_source_flags(g, {"--train-split": ("train", "split of a hub --train-file"),
+                              "--val-split": ("test", "split of a hub --val-file")})
     g.add_argument("--prompt-template", default="data/r1_zero.prompt", help="prompt file with a {question} slot")
     g.add_argument("--num-examples", type=int, default=-1,
                    help="first N training records after a seeded shuffle (-1 = all)")
@@ -130,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad flag combinations before any model loads."""
+    from utils.data_sources import is_hub_id
+
     if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1:
         raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1")
     if args.epochs <= 0 and args.max_steps < 1:
@@ -143,6 +148,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--normalize-constant only applies with --loss-normalization constant")
     check_lora_flags(args.lora_r, args.lora_alpha, args.lora_dropout, args.merge_on_save)
     for f in ("train_file", "val_file", "prompt_template"):
+        if f != "prompt_template" and is_hub_id(getattr(args, f)):
+            continue  # loaded (or refused, offline) through `datasets` before the model
         if not Path(getattr(args, f)).exists():
             download = " (download it: python play-scripts/data-scripts/download_data.py)"
             hint = download if "sft-reason" in getattr(args, f) else ""
@@ -192,8 +199,10 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
 
     # ---- data
     template = load_prompt(args.prompt_template)
-    train_records = select_examples(load_reason_records(args.train_file), args.num_examples, args.seed)
-    val_records = load_reason_records(args.val_file, require_response=False)
+    train_records = select_examples(load_reason_records(args.train_file, split=args.train_split,
+                                                        config=args.data_config), args.num_examples, args.seed)
+    val_records = load_reason_records(args.val_file, require_response=False, split=args.val_split,
+                                      config=args.data_config)
     prompts, responses = format_prompts(train_records, template), [r["response"] for r in train_records]
 
     # ---- model

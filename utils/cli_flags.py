@@ -107,6 +107,15 @@ def add_deprecated_alias(group, old: str, new: str, dest: str | None = None, **k
     group.add_argument(old, dest=dest, action=_DeprecatedAlias, new_flag=new, **kwargs)
 
 
+def add_data_source_flags(group, splits: dict[str, tuple[str, str]]) -> None:
+    """Split flags (`{"--train-split": ("train", "help")}`) and `--data-config` for data flags that take a hub
+    dataset id as well as a local file (`utils.data_sources`)."""
+    for flag, (default, help_text) in splits.items():
+        group.add_argument(flag, default=default, help=help_text)
+    group.add_argument("--data-config", default=None,
+                       help="configuration name of hub datasets (default: the dataset's default; local files: unused)")
+
+
 def add_lora_flags(parser) -> None:
     """The `lora` argument group both train scripts take (`utils.lora`): rank 0 = full fine-tuning."""
     from utils.lora import DEFAULT_TARGET_MODULES

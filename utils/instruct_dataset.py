@@ -27,7 +27,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from utils.helper_fns import load_prompt, load_records
+from utils.data_sources import is_hub_id, load_records
+from utils.helper_fns import load_prompt
 from utils.packing import row_positions_and_documents
 
 IGNORE_INDEX = -100  # label value that the loss skips (the value torch's cross_entropy ignores by default)
@@ -120,10 +121,18 @@ def _tokenize_documents(tokenizer, records: list[tuple[str, dict]], template: st
     }
 
 
-def _validated_records(path: Path) -> list[tuple[str, dict]]:
-    records = load_records(path)  # raises ValueError with file:line on malformed JSON / non-object lines
+def _records_sha256(records: list[tuple[str, dict]]) -> str:
+    """A content hash of loaded records (hub datasets have no single file to hash)."""
+    h = hashlib.sha256()
+    for _, rec in records:
+        h.update(json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _validated_records(records: list[tuple[str, dict]], source: str) -> list[tuple[str, dict]]:
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{source}: no records")
     for loc, rec in records:
         for key in ("prompt", "response"):
             if key not in rec:
@@ -157,7 +166,8 @@ class PackedSFTDataset(Dataset):
 
     Args:
         tokenizer: a transformers tokenizer with `eos_token_id` (fast tokenizers make the ~200k-record build fast).
-        dataset_path: JSON Lines (or JSON array) of `{"prompt": str, "response": str}`, optionally .gz.
+        dataset_path: JSON Lines (or JSON array) of `{"prompt": str, "response": str}`, optionally .gz; or a
+            Parquet file or hub dataset id of the same records (`utils.data_sources`).
         seq_length: tokens per row L (>= 1).
         shuffle: shuffle documents (seeded by `seed`) before concatenation.
         mask_prompt: set prompt-token labels to -100 and drop rows whose labels are all -100.
@@ -165,6 +175,7 @@ class PackedSFTDataset(Dataset):
         template: template text with `{instruction}` and `{response}`; None = data/alpaca_sft.prompt byte-exact.
         cache_dir: folder for the tokenization cache; None = `.cache/` next to the data file.
         use_cache: False = neither read nor write the cache.
+        split, config: the split and configuration of a hub dataset (unused for local files).
 
     Raises:
         ValueError: a record that is not a JSON object or lacks a string "prompt"/"response" (naming file:line); an
@@ -182,6 +193,8 @@ class PackedSFTDataset(Dataset):
         template: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
+        split: str = "train",
+        config: str | None = None,
     ):
         if seq_length < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
@@ -191,34 +204,46 @@ class PackedSFTDataset(Dataset):
         if "{response}" not in template:
             raise ValueError("template has no {response} placeholder: the prompt/response boundary is undefined")
         path = Path(dataset_path)
-        if not path.exists():
+        self.hub = is_hub_id(dataset_path)
+        if not self.hub and not path.exists():
             raise FileNotFoundError(f"{path}: no such file")
         self.dataset_path, self.seq_length, self.mask_prompt = path, seq_length, mask_prompt
         self.shuffle, self.seed = shuffle, seed
+        self.source = f"{dataset_path}[{config + '/' if config else ''}{split}]" if self.hub else path.name
 
-        docs = self._load_or_tokenize(tokenizer, path, template, cache_dir, use_cache)
+        docs = self._load_or_tokenize(tokenizer, path, template, cache_dir, use_cache, split, config)
         self._build_stream(docs)
 
     # -- tokenization and cache -------------------------------------------------------------------------------------
 
-    def _load_or_tokenize(self, tokenizer, path: Path, template: str, cache_dir, use_cache: bool) -> dict:
+    def _load_or_tokenize(self, tokenizer, path: Path, template: str, cache_dir, use_cache: bool, split: str,
+                          config: str | None) -> dict:
+        records = None
+        if self.hub:  # no file to hash: load the records (the `datasets` cache makes this cheap) and hash them
+            records = load_records(str(path), split, config)
+            content = _records_sha256(records)
+        else:
+            content = _file_sha256(path)
         key_fields = {
             "version": CACHE_VERSION,
-            "file_sha256": _file_sha256(path),
+            "file_sha256": content,
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
         }
         key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
         self.cache_key, self.cache_hit, self.cache_path = key, False, None
         if use_cache:
-            folder = Path(cache_dir) if cache_dir is not None else path.parent / ".cache"
-            self.cache_path = folder / f"{path.name}.{key[:20]}.pt"
+            folder = Path(cache_dir) if cache_dir is not None else (Path(".cache") if self.hub else path.parent / ".cache")
+            name = f"{path.name}.{config or 'default'}.{split}" if self.hub else path.name
+            self.cache_path = folder / f"{name}.{key[:20]}.pt"
             if self.cache_path.exists():
                 payload = torch.load(self.cache_path, weights_only=True)
                 if payload.get("key") == key:
                     self.cache_hit = True
                     return payload
-        docs = _tokenize_documents(tokenizer, _validated_records(path), template)
+        # local files: raises ValueError with file:line on malformed JSON / non-object lines
+        records = records if records is not None else load_records(path, split, config)
+        docs = _tokenize_documents(tokenizer, _validated_records(records, self.source), template)
         if use_cache:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_path.with_name(self.cache_path.name + f".tmp{os.getpid()}")
@@ -295,7 +320,7 @@ class PackedSFTDataset(Dataset):
         )
         source = f"cache hit {self.cache_path}" if self.cache_hit else f"tokenized (cache: {self.cache_path})"
         return (
-            f"{self.dataset_path.name}: {self.documents:,} documents, {self.tokens:,} tokens -> {self.rows:,} rows x "
+            f"{self.source}: {self.documents:,} documents, {self.tokens:,} tokens -> {self.rows:,} rows x "
             f"{self.seq_length} (tail {self.tail_tokens_dropped} tokens dropped{masked}; "
             f"{self.loss_tokens:,} loss tokens); {source}"
         )
