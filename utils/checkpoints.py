@@ -172,7 +172,7 @@ def load_checkpoint(
         from utils.lora import load_adapter_state
 
         load_adapter_state(model, path)
-        blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        blob = load_trainer_state(path / "trainer_state.pt")
         if optimizer is not None and blob["optimizer"] is not None:
             optimizer.load_state_dict(blob["optimizer"])
         set_rng_state(blob["rng"])
