@@ -110,3 +110,40 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"someorg/sft-data\[train\]: cannot load"):
         T.main(args)
     assert not (tmp_path / "instruct_demo" / "base_model").exists()  # refused before a model was built
+
+
+def test_evaluation_scripts_read_parquet_and_hub_splits(tmp_path, monkeypatch):
+    import datasets
+
+    import evaluate_instruct as EI
+    import evaluate_reason as ER
+    from utils.benchmarks import REGISTRY
+
+    src = REPO / "data" / "sft-reason" / "sample_val.jsonl"
+    math = REGISTRY["math"](prompt_template="{question}")
+    from_parquet = math.load_examples(_to_parquet(src, tmp_path / "val.parquet"))
+    assert from_parquet == math.load_examples(src) and len(from_parquet) == 20
+
+    calls = []
+
+    def fake_load(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list([{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+                                           {"question": "", "answer": "#### 1"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    gsm8k = EI.build_benchmark(EI.parse_args(["--config", "data/eval_configs/gsm8k.yaml", "--model", "m"]).runs[0])
+    gsm8k.data_split, gsm8k.data_config = "test", "main"
+    with pytest.raises(ValueError, match=r"^openai/gsm8k\[main/test\]\[row 1\]: 'question' must be a non-empty"):
+        gsm8k.load_examples("openai/gsm8k")
+    assert calls == [("openai/gsm8k", "main", "test")]
+
+    mmlu = EI.parse_args(["--config", "data/eval_configs/mmlu.yaml", "--model", "m", "--data", "cais/mmlu"]).runs[0]
+    with pytest.raises(SystemExit, match="mmlu reads CSV files"):
+        EI.check_run(mmlu)
+    monkeypatch.undo()  # the real loader again, offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ER.parse_args(["--model", "m", "--data", "someorg/math", "--data-split", "validation",
+                          "--output-dir", str(tmp_path / "eval")])
+    with pytest.raises(SystemExit, match=r"--data: someorg/math\[validation\]: cannot load .*HF_HUB_OFFLINE"):
+        ER.main(args)

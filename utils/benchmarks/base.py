@@ -47,6 +47,16 @@ class Benchmark:
     protocol: str | None = None  # "reference" | "improved" for the instruction benchmarks; None = only one way to score
     reference_settings: dict = {}  # the published protocol's own settings (added to REFERENCE_COMMON_SETTINGS)
     scorers: dict = {}  # protocol -> one line saying how that protocol scores a response (recorded in summaries)
+    # where JSON-record benchmarks read a hub dataset id from (`read_records`; the scripts' --data-split/--data-config)
+    data_split: str = "test"
+    data_config: str | None = None
+
+    def read_records(self, source: str | os.PathLike) -> list[tuple[str, dict]]:
+        """`(location, record)` pairs of a local JSON / JSONL / Parquet file, or of this benchmark's `data_split`
+        (and `data_config`) of a hub dataset (`utils.data_sources.load_records`)."""
+        from utils.data_sources import load_records
+
+        return load_records(source, self.data_split, self.data_config)
 
     def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
         """Read and validate the data file; the first `max_examples` examples (-1 = all), each with "index"."""
