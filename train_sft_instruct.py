@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="meta-llama/Llama-3.1-8B",
                    help="HF hub id or folder; 'tiny' = a tiny Llama + BPE built from the training texts")
     g.add_argument("--train-file", default="data/sft-instruct/train.jsonl",
-                   help="{prompt, response} JSON Lines (.gz ok) or Parquet, or a hub dataset id")
+                   help="{prompt, response} or chat {messages: [{role, content}]} records: JSON Lines (.gz ok) or "
+                        "Parquet, or a hub dataset id")
     g.add_argument("--test-file", default="data/sft-instruct/test.jsonl",
                    help="held-out split for the eval loss (file or hub dataset id)")
     add_data_source_flags(g, {"--train-split": ("train", "split of a hub --train-file"),
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per packed row (every row has exactly this many)")
     add_deprecated_alias(g, "--seq-length", "--max-seq-len", type=int)
     g.add_argument("--mask-prompt", action="store_true",
-                   help="no loss on prompt tokens (rows with no response token are dropped)")
+                   help="no loss on prompt tokens, or on all but the assistant turns of chat records (rows with no "
+                        "response token are dropped)")
     g.add_argument("--packing", choices=["concat", "doc"], default="concat",
                    help="concat = causal attention over the whole row (the reference); doc = per document (see above)")
     g.add_argument("--cache-dir", default="", help="tokenization cache folder ('' = next to the data file)")
@@ -156,7 +158,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.model == "tiny":
         from utils.data_sources import load_records
 
-        texts = [r["prompt"] + "\n" + r["response"]
+        texts = ["\n".join(m["content"] for m in r["messages"]) if "messages" in r else r["prompt"] + "\n" + r["response"]
                  for _, r in load_records(args.train_file, args.train_split, args.data_config)]
     if info.is_main:
         load_policy(args.model, run_dir, "llama", texts, torch.float32, "cpu", args.seed, build_model=False)
