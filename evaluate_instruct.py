@@ -42,6 +42,7 @@ import json
 from pathlib import Path
 
 from utils.cli_flags import add_data_source_flags, add_engine_flags
+from utils.data_sources import is_hub_id
 
 ALL_CONFIGS = [f"data/eval_configs/{b}.yaml" for b in ("gsm8k", "mmlu", "sst", "alpaca_eval")]
 JUDGED = ("sst", "alpaca_eval")
@@ -226,8 +227,6 @@ def check_run(s: argparse.Namespace) -> None:
     data = Path(s.data) if s.data else None
     if data is None:
         raise SystemExit(f"{where}: no data path (set `data` in the config or --data)")
-    from utils.data_sources import is_hub_id
-
     if is_hub_id(s.data) and s.benchmark in ("mmlu", "sst"):
         raise SystemExit(f"{where}: data {s.data} looks like a hub dataset id; {s.benchmark} reads CSV files "
                          f"(hub datasets: gsm8k and alpaca_eval, JSON records)")  # fmt: skip

@@ -26,8 +26,8 @@ import os
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_lora_flags, add_run_flags, add_speed_flags,
-                             check_lora_flags, check_speed_flags, parse_with_presets)
+from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_lora_flags, add_run_flags,
+                             add_speed_flags, check_lora_flags, check_speed_flags, parse_with_presets)
 
 PRESETS = {
     "demo": dict(
@@ -158,8 +158,9 @@ def main(args: argparse.Namespace) -> dict:
     if args.model == "tiny":
         from utils.data_sources import load_records
 
-        texts = ["\n".join(m["content"] for m in r["messages"]) if "messages" in r else r["prompt"] + "\n" + r["response"]
-                 for _, r in load_records(args.train_file, args.train_split, args.data_config)]
+        for _, r in load_records(args.train_file, args.train_split, args.data_config):
+            parts = [m["content"] for m in r["messages"]] if "messages" in r else [r["prompt"], r["response"]]
+            texts.append("\n".join(parts))
     if info.is_main:
         load_policy(args.model, run_dir, "llama", texts, torch.float32, "cpu", args.seed, build_model=False)
     D.barrier(info)

@@ -31,8 +31,8 @@ import math
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_lora_flags, add_run_flags, add_speed_flags,
-                             check_lora_flags, check_speed_flags, parse_with_presets)
+from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_lora_flags, add_run_flags,
+                             add_speed_flags, check_lora_flags, check_speed_flags, parse_with_presets)
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to

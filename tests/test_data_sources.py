@@ -103,7 +103,7 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
     import train_sft_instruct as T
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match=r"someorg/sft-data\[validation\]: cannot load this hub dataset .*HF_HUB_OFFLINE"):
+    with pytest.raises(ValueError, match=r"someorg/sft-data\[validation\]: cannot load this hub dataset .*OFFLINE"):
         load_records("someorg/sft-data", split="validation")
     args = T.parse_args(["--preset", "demo", "--output-dir", str(tmp_path), "--train-file", "someorg/sft-data"])
     T.check_args(args)  # a hub id is not a missing file

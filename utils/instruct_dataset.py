@@ -268,7 +268,8 @@ class PackedSFTDataset(Dataset):
         key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
         self.cache_key, self.cache_hit, self.cache_path = key, False, None
         if use_cache:
-            folder = Path(cache_dir) if cache_dir is not None else (Path(".cache") if self.hub else path.parent / ".cache")
+            local = path.parent / ".cache"
+            folder = Path(cache_dir) if cache_dir is not None else (Path(".cache") if self.hub else local)
             name = f"{path.name}.{config or 'default'}.{split}" if self.hub else path.name
             self.cache_path = folder / f"{name}.{key[:20]}.pt"
             if self.cache_path.exists():

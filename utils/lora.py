@@ -53,7 +53,7 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: list
 
 
 def _lora_layers(peft_model) -> dict[str, torch.nn.Module]:
-    """The LoRA layers of a PeftModel, by their module name inside the base model (e.g. `model.layers.0.mlp.up_proj`)."""
+    """The LoRA layers of a PeftModel by module name inside the base model (e.g. `model.layers.0.mlp.up_proj`)."""
     from peft.tuners.lora import LoraLayer
 
     base = getattr(peft_model, "_orig_mod", peft_model).get_base_model()
