@@ -188,3 +188,24 @@ def test_lora_with_torchrun_ranks_is_refused_before_loading(tmp_path, monkeypatc
         T.check_args(_instruct_args(tmp_path))
     with pytest.raises(SystemExit, match="--merge-on-save needs --lora-r"):
         T.check_args(_instruct_args(tmp_path, "--lora-r", "0", "--merge-on-save"))
+
+
+@pytest.mark.skipif(not has_vllm(), reason="vLLM is not installed (pip install -r requirements-cpu.txt)")
+def test_reason_lora_in_loop_vllm_validation_matches_hf_validation(tmp_path):
+    """In-loop validation of a LoRA run through vLLM (merged weights synced) scores what HF generation of the PEFT
+    policy scores: same greedy samples, so the same accuracy and the same saved generations."""
+    import train_sft_reason as R
+
+    outs = {}
+    for engine in ("vllm", "hf"):
+        out = R.main(R.parse_args(["--preset", "demo", "--output-dir", str(tmp_path), "--run-name", engine,
+                                   "--max-steps", "6", "--eval-every", "6", "--val-size", "8", "--lora-r", "8",
+                                   "--lora-dropout", "0", "--engine", engine, "--max-tokens", "24"]))
+        outs[engine] = Path(out["run_dir"])
+    for name in ("step_00000.jsonl", "step_00006.jsonl"):
+        a = [json.loads(x)["response"] for x in (outs["vllm"] / "samples" / name).read_text().splitlines()]
+        b = [json.loads(x)["response"] for x in (outs["hf"] / "samples" / name).read_text().splitlines()]
+        assert a == b and len(a) == 8, name
+    before = [json.loads(x)["response"] for x in (outs["hf"] / "samples" / "step_00000.jsonl").read_text().splitlines()]
+    after = [json.loads(x)["response"] for x in (outs["hf"] / "samples" / "step_00006.jsonl").read_text().splitlines()]
+    assert before != after  # the adapters changed the generations: vLLM followed them
