@@ -137,6 +137,12 @@ def test_evaluation_scripts_read_parquet_and_hub_splits(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^openai/gsm8k\[main/test\]\[row 1\]: 'question' must be a non-empty"):
         gsm8k.load_examples("openai/gsm8k")
     assert calls == [("openai/gsm8k", "main", "test")]
+    from utils.benchmarks.base import generation_settings
+    from utils.inference import SamplingConfig
+
+    settings = generation_settings(gsm8k, "m", "openai/gsm8k", SamplingConfig())
+    assert settings["data_split"] == "test" and settings["data_config"] == "main"  # a resume on another split refuses
+    assert "data_split" not in generation_settings(gsm8k, "m", src, SamplingConfig())  # local files: as before
 
     mmlu = EI.parse_args(["--config", "data/eval_configs/mmlu.yaml", "--model", "m", "--data", "cais/mmlu"]).runs[0]
     with pytest.raises(SystemExit, match="mmlu reads CSV files"):

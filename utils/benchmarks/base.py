@@ -189,11 +189,16 @@ def _check_resume(records: list[dict], prompts: dict[int, str], generation: dict
 def generation_settings(benchmark: Benchmark, model_name: str, data_path: str | os.PathLike,
                         sampling: SamplingConfig) -> dict:  # fmt: skip
     """What the records of an output folder depend on; stored as generation.json and compared on resume. A benchmark
-    with a `protocol` adds it: a record's headline fields are scored under one protocol."""
+    with a `protocol` adds it: a record's headline fields are scored under one protocol; a hub dataset adds its split
+    and config."""
     settings = {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path),
                 "sampling": asdict(sampling)}  # fmt: skip
     if benchmark.protocol is not None:
         settings["protocol"] = benchmark.protocol
+    from utils.data_sources import is_hub_id
+
+    if is_hub_id(data_path):  # one id, several splits: the split and config are part of what was evaluated
+        settings.update(data_split=benchmark.data_split, data_config=benchmark.data_config)
     return settings
 
 
