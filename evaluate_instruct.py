@@ -92,7 +92,7 @@ def _build_parser(suppress: bool) -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=512, help="max generated tokens per response")
     g.add_argument("--stop", nargs="+", default=None, help="stop strings (default: the prompt format's)")
     g.add_argument("--include-stop-str", action=argparse.BooleanOptionalAction, default=False, help="keep the matched stop string in the response")
-    g.add_argument("--seed", type=int, default=0, help="engine sampling seed (matters only with --temperature > 0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, per example (matters only with --temperature > 0)")
     g = p.add_argument_group("engine")
     add_engine_flags(g)
     g = p.add_argument_group("judge (SST, AlpacaEval): any OpenAI-compatible chat endpoint")
@@ -315,6 +315,10 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
     from utils.inference import SamplingConfig, make_engine
     from utils.benchmarks.judges import JudgeUnavailable, run_judging
 
+    from utils.model_setup import check_model_flag
+
+    if engine is None:
+        check_model_flag(args.model)
     model = args.model
     if Path(model).is_symlink():  # e.g. checkpoints/latest: records must name the step they came from
         model = str(Path(model).resolve())
@@ -378,7 +382,8 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
                                              enforce_eager=s.enforce_eager)  # fmt: skip
                     engine_key = key
             sampling = SamplingConfig(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                      stop=list(s.stop), include_stop_str_in_output=s.include_stop_str)  # fmt: skip
+                                      stop=list(s.stop), include_stop_str_in_output=s.include_stop_str,
+                                      seed=s.seed)  # fmt: skip
             summary = run_benchmark(benchmark, engine or own_engine, s.data, sampling, out,
                                     max_examples=s.max_examples, chunk_size=s.chunk_size,
                                     use_tqdm=not s.no_progress, extra=score_settings(s, benchmark))  # fmt: skip

@@ -19,7 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.cli_flags import add_data_source_flags, add_deprecated_alias, add_engine_flags
+from utils.cli_flags import (FLAG_RANGES, add_data_source_flags, add_deprecated_alias, add_engine_flags,
+                             check_flag_ranges)
 
 # YAML keys of renamed flags, still read under the new name (--config)
 RENAMED_KEYS = {"prompt": "prompt_template", "output": "output_dir"}
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the matched stop string in the response (the format reward needs </answer>)")
     g.add_argument("--n-samples", type=int, default=1,
                    help="samples per problem; > 1 adds pass@k and majority-vote accuracy")
-    g.add_argument("--seed", type=int, default=0, help="engine sampling seed")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed; sample j of example i draws from seed (seed, i, j)")
     g = p.add_argument_group("engine")
     add_engine_flags(g)
     g = p.add_argument_group("grading and output")
@@ -87,15 +88,12 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad flag combinations and missing files before any model loads."""
+    """Reject out-of-range values, bad flag combinations and missing files before any model loads."""
     from utils.data_sources import is_hub_id
+    from utils.model_setup import check_model_flag
 
-    if args.temperature < 0:
-        raise SystemExit(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
-        raise SystemExit(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.max_tokens < 1 or args.n_samples < 1:
-        raise SystemExit("--max-tokens and --n-samples must be >= 1")
+    check_flag_ranges(args, {k: v for k, v in FLAG_RANGES.items() if k != "chunk_size"})  # checked below: -1 = all
+    check_model_flag(args.model)
     if args.n_samples > 1 and args.temperature == 0:
         raise SystemExit(f"--n-samples {args.n_samples} with --temperature 0 gives {args.n_samples} identical greedy "
                          f"samples; use --temperature > 0 or --n-samples 1")  # fmt: skip
@@ -135,7 +133,7 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--data: {e}") from None
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                               stop=list(args.stop), include_stop_str_in_output=args.include_stop_str,
-                              n=args.n_samples)  # fmt: skip
+                              n=args.n_samples, seed=args.seed)  # fmt: skip
     try:  # an output folder holding another setting's records fails here, not after the model loads
         done = load_resumable(out, benchmark, examples, generation_settings(benchmark, args.model, args.data, sampling))
     except ValueError as e:

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_lora_flags, add_run_flags,
-                             add_speed_flags, check_lora_flags, check_speed_flags, parse_with_presets)
+                             add_speed_flags, check_flag_ranges, check_lora_flags, check_speed_flags,
+                             parse_with_presets)
 
 PRESETS = {
     "demo": dict(
@@ -101,17 +102,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad flag combinations before any model loads."""
-    if args.epochs <= 0 and args.max_steps < 1:
+    """Reject out-of-range values and bad flag combinations before any model loads."""
+    from utils.data_sources import is_hub_id
+    from utils.model_setup import check_model_flag
+
+    check_flag_ranges(args)
+    check_model_flag(args.model)
+    if args.epochs == -1 and args.max_steps < 1:
         raise SystemExit("--max-steps must be >= 1 when --epochs is -1")
     if args.resume and not args.run_name:
         raise SystemExit("--resume needs --run-name (the run folder to continue)")
-    if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.max_seq_len < 2:
-        raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1, --max-seq-len >= 2")
+    template = Path(args.prompt_template)
+    if template.is_file() and not all(k in template.read_text(encoding="utf-8") for k in ("{instruction}", "{response}")):
+        raise SystemExit(f"--prompt-template {template}: needs both {{instruction}} and {{response}} placeholders")
     check_lora_flags(args.lora_r, args.lora_alpha, args.lora_dropout, args.merge_on_save,
                      int(os.environ.get("WORLD_SIZE", "1")))
-    from utils.data_sources import is_hub_id
-
     for flag in ("train_file", "test_file", "prompt_template"):
         if flag != "prompt_template" and is_hub_id(getattr(args, flag)):
             continue  # loaded (or refused, offline) through `datasets` before the model
@@ -121,31 +126,47 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Check the flags, claim the run folder (utils.run_dir: one run per folder, locked while it trains; under
+    torchrun rank 0 claims it for all ranks), train."""
+    from utils.run_dir import RunLock, check_resume_config, check_run_name, prepare_run_dir
+
+    check_args(args)
+    mask = "mask" if args.mask_prompt else "nomask"
+    run_name = check_run_name(args.run_name) if args.run_name else \
+        f"instruct_{Path(args.model).name}_{mask}_{time.strftime('%Y%m%d_%H%M%S')}"
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 claims the folder; train() waits for it at a barrier
+        return train(args, Path(args.output_dir) / run_name)
+    run_dir = prepare_run_dir(args.output_dir, run_name, args.resume, args.overwrite)
+    with RunLock(run_dir):
+        if args.resume:  # "device" is saved resolved ("auto" -> "cpu"): compared once resolved, in train()
+            settings = {k: v for k, v in vars(args).items() if k != "device"}
+            check_resume_config(run_dir, settings, allowed_changes=args.allow_config_change)
+        return train(args, run_dir)
+
+
+def train(args: argparse.Namespace, run_dir: Path) -> dict:
+    """The run itself, in a folder `main` has claimed."""
     import torch
 
     from utils import distributed as D
     from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.data_order import ExampleStream
-    from utils.helper_fns import check_writable_dir, load_prompt, pick_device, seed_everything
-    from utils.instruct_dataset import PackedSFTDataset
-    from utils.packing import rows_to_batch
+    from utils.helper_fns import data_errors_exit, load_prompt, pick_device, seed_everything
+    from utils.instruct_dataset import PackedSFTDataset, validated_records
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.model_setup import compile_decoder_layers, load_policy
+    from utils.packing import rows_to_batch
+    from utils.run_dir import record_config
     from utils.training import (MFU_FORMULA, NonFiniteLossError, attention_width, build_optimizer, evaluate_loss,
                                 gpu_step_metrics, lr_at_step, matmul_parameters, model_dtype_for, resolve_precision,
                                 step_flop_counts, train_step, training_flops)
 
-    check_args(args)
     info = D.init_distributed(pick_device(args.device))
     device = info.device
     precision = resolve_precision(args.precision, device)
     check_speed_flags(device, args.attention, args.chunk_size, args.fused_lm_head, args.liger)
-    mask = "mask" if args.mask_prompt else "nomask"
-    run_name = args.run_name or f"instruct_{Path(args.model).name}_{mask}_{time.strftime('%Y%m%d_%H%M%S')}"
-    run_dir = Path(args.output_dir) / run_name
-    if info.is_main:
-        check_writable_dir(run_dir, "--output-dir")
-    D.barrier(info)
+    run_name = run_dir.name
+    D.barrier(info)  # rank 0 has claimed the run folder
     ckpt_dir = run_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_dir) if args.resume else None
     if args.resume and resume_from is None:
@@ -154,11 +175,15 @@ def main(args: argparse.Namespace) -> dict:
     say = print if info.is_main else (lambda *a, **k: None)
 
     # ---- model and data (rank 0 builds a tiny model first so other ranks load the same one)
+    # the tiny model's tokenizer is trained on the texts; records are validated first, as for a real model
     texts = []
     if args.model == "tiny":
         from utils.data_sources import load_records
 
-        for _, r in load_records(args.train_file, args.train_split, args.data_config):
+        with data_errors_exit():
+            records = validated_records(load_records(args.train_file, args.train_split, args.data_config),
+                                        args.train_file)
+        for _, r in records:
             parts = [m["content"] for m in r["messages"]] if "messages" in r else [r["prompt"], r["response"]]
             texts.append("\n".join(parts))
     if info.is_main:
@@ -178,8 +203,10 @@ def main(args: argparse.Namespace) -> dict:
     # Rank 0 tokenizes (and caches) first; the other ranks then read its cache instead of repeating the work.
     for turn in ((True, False) if info.enabled else (True,)):
         if info.is_main == turn:
-            train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, split=args.train_split, **ds_kwargs)
-            test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, split=args.test_split, **ds_kwargs)
+            with data_errors_exit():
+                train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, split=args.train_split,
+                                            **ds_kwargs)
+                test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, split=args.test_split, **ds_kwargs)
         D.barrier(info)
     rows_per_step = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
     steps = math.ceil(args.epochs * len(train_ds) / rows_per_step) if args.epochs > 0 else args.max_steps
@@ -207,6 +234,7 @@ def main(args: argparse.Namespace) -> dict:
                   test_rows=len(test_ds))
     logger = None
     if info.is_main:
+        record_config(run_dir, config, resume=resume_from is not None, allowed_changes=args.allow_config_change)
         logger = MetricsLogger(run_dir, config, args.wandb_project, run_name, resume=resume_from is not None)
     if logger is not None and resume_from is not None:
         logger.truncate_after(start_step)

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_lora_flags, add_run_flags,
-                             add_speed_flags, check_lora_flags, check_speed_flags, parse_with_presets)
+                             add_speed_flags, check_flag_ranges, check_lora_flags, check_speed_flags,
+                             parse_with_presets)
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
@@ -132,13 +133,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad flag combinations before any model loads."""
+    """Reject out-of-range values and bad flag combinations before any model loads."""
     from utils.data_sources import is_hub_id
+    from utils.model_setup import check_model_flag
 
-    if args.micro_batch_size < 1 or args.gradient_accumulation_steps < 1:
-        raise SystemExit("--micro-batch-size and --gradient-accumulation-steps must be >= 1")
-    if args.epochs <= 0 and args.max_steps < 1:
-        raise SystemExit("--max-steps must be >= 1 when --epochs is not set")
+    check_flag_ranges(args)
+    check_model_flag(args.model)
+    if args.epochs == -1 and args.max_steps < 1:
+        raise SystemExit("--max-steps must be >= 1 when --epochs is -1")
     if args.resume and not args.run_name:
         raise SystemExit("--resume needs --run-name (the run folder to continue)")
     if args.packing == "bfd" and args.pack_tokens < args.max_seq_len:
@@ -176,7 +178,7 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
     from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
     from utils.data_order import ExampleStream
     from utils.dataloader import drop_overlong, format_prompts, load_reason_records, make_micro_batches, select_examples
-    from utils.helper_fns import load_prompt, pick_device, seed_everything
+    from utils.helper_fns import data_errors_exit, load_prompt, pick_device, seed_everything
     from utils.inference import SamplingConfig
     from utils.metrics_logger import MetricsLogger, format_step_line
     from utils.model_setup import compile_decoder_layers, load_policy
@@ -199,10 +201,11 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
 
     # ---- data
     template = load_prompt(args.prompt_template)
-    train_records = select_examples(load_reason_records(args.train_file, split=args.train_split,
-                                                        config=args.data_config), args.num_examples, args.seed)
-    val_records = load_reason_records(args.val_file, require_response=False, split=args.val_split,
-                                      config=args.data_config)
+    with data_errors_exit():
+        train_records = select_examples(load_reason_records(args.train_file, split=args.train_split,
+                                                            config=args.data_config), args.num_examples, args.seed)
+        val_records = load_reason_records(args.val_file, require_response=False, split=args.val_split,
+                                          config=args.data_config)
     prompts, responses = format_prompts(train_records, template), [r["response"] for r in train_records]
 
     # ---- model

@@ -107,7 +107,7 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
         load_records("someorg/sft-data", split="validation")
     args = T.parse_args(["--preset", "demo", "--output-dir", str(tmp_path), "--train-file", "someorg/sft-data"])
     T.check_args(args)  # a hub id is not a missing file
-    with pytest.raises(ValueError, match=r"someorg/sft-data\[train\]: cannot load"):
+    with pytest.raises(SystemExit, match=r"data error: someorg/sft-data\[train\]: cannot load"):
         T.main(args)
     assert not (tmp_path / "instruct_demo" / "base_model").exists()  # refused before a model was built
 

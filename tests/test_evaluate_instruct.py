@@ -107,7 +107,7 @@ class ScriptedEngine(InferenceEngine):
         self.answers = answers
         self.prompts: list[str] = []
 
-    def generate(self, prompts, sampling, use_tqdm=True):
+    def generate(self, prompts, sampling, use_tqdm=True, request_keys=None):
         self.prompts += prompts
         return [[Completion(next(a for k, a in self.answers.items() if k in p), [7] * 5, "stop")] for p in prompts]
 

@@ -192,7 +192,7 @@ class ScriptedEngine(InferenceEngine):
         self.calls = 0
         self.prompts_seen: list[str] = []
 
-    def generate(self, prompts, sampling, use_tqdm=True):
+    def generate(self, prompts, sampling, use_tqdm=True, request_keys=None):
         if self.fail_after_calls is not None and self.calls >= self.fail_after_calls:
             raise KeyboardInterrupt("simulated interruption")
         self.calls += 1
@@ -422,3 +422,38 @@ def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
 def test_math_prompt_template_may_contain_literal_braces():
     bench = MathBenchmark(prompt_template="Put the final answer in \\boxed{}. {question}\nAssistant: <think>")
     assert bench.build_prompt({"problem": "What is {1+1}?"}) == "Put the final answer in \\boxed{}. What is {1+1}?\nAssistant: <think>"
+
+
+def test_resume_refuses_records_of_another_checkpoint_behind_the_same_path(tmp_path, ten_problems):
+    """`checkpoints/latest` re-pointed (or a checkpoint rewritten in place) between an interrupted evaluation and its
+    rerun: the records of two models must not mix in one summary."""
+    bench = MathBenchmark(grader_workers=1)
+    examples = load_math_examples(ten_problems)
+    ckpts = tmp_path / "checkpoints"
+    for step, payload in (("step_000003", b"A" * 4096), ("step_000006", b"B" * 4096)):
+        (ckpts / step).mkdir(parents=True)
+        (ckpts / step / "config.json").write_text('{"model_type": "qwen2"}')
+        (ckpts / step / "model.safetensors").write_bytes(payload)
+    latest = ckpts / "latest"
+    latest.symlink_to("step_000003")
+    engine = ScriptedEngine(examples, fail_after_calls=1)
+    engine.model_name = str(latest)
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(bench, engine, ten_problems, SAMPLING, out, chunk_size=3, use_tqdm=False)
+    before = (out / "records.jsonl").read_bytes()
+    latest.unlink()
+    latest.symlink_to("step_000006")  # a later save moved the link
+    engine = ScriptedEngine(examples)
+    engine.model_name = str(latest)
+    with pytest.raises(ValueError, match=r"holds records made with other settings \(model_fingerprint: .*"
+                                         r"model_resolved: .*step_000003.* -> .*step_000006"):
+        run_benchmark(bench, engine, ten_problems, SAMPLING, out, chunk_size=3, use_tqdm=False)
+    assert engine.calls == 0 and (out / "records.jsonl").read_bytes() == before
+    # the same folder rewritten in place (same names and sizes, other weights) is caught by the fingerprint
+    latest.unlink()
+    latest.symlink_to("step_000003")
+    (ckpts / "step_000003" / "model.safetensors").write_bytes(b"C" * 4096)
+    with pytest.raises(ValueError, match=r"model_fingerprint: '[0-9a-f]+' -> '[0-9a-f]+'\)"):
+        run_benchmark(bench, engine, ten_problems, SAMPLING, out, chunk_size=3, use_tqdm=False)
+    assert (out / "records.jsonl").read_bytes() == before

@@ -320,7 +320,7 @@ class ScriptedEngine(InferenceEngine):
         self.prompts: list[str] = []
         self.samplings = []
 
-    def generate(self, prompts, sampling, use_tqdm=True):
+    def generate(self, prompts, sampling, use_tqdm=True, request_keys=None):
         self.prompts += prompts
         self.samplings.append(sampling)
         return [[Completion(next(a for k, a in self.answers.items() if k in p), [7] * 5, "stop")] for p in prompts]

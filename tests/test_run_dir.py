@@ -111,7 +111,7 @@ def test_resume_refuses_trajectory_changes_and_never_rewrites_config(tmp_path):
     original = (run / "config.json").read_bytes()
     ignore = ["eval_every", "resume"]
     same = dict(first, eval_every=50, resume=True)  # only settings that cannot change the trajectory
-    assert record_config(run, same, resume=True, ignore=ignore) == {}
+    assert record_config(run, same, resume=True, ignore=ignore) == {"eval_every": (10, 50), "resume": (None, True)}
     changed = dict(first, lr=3e-4, micro_batch_size=4, resume=True)
     with pytest.raises(SystemExit) as e:
         record_config(run, changed, resume=True, ignore=ignore)
@@ -121,10 +121,11 @@ def test_resume_refuses_trajectory_changes_and_never_rewrites_config(tmp_path):
     with pytest.raises(SystemExit, match="micro_batch_size"):  # allowing one change does not allow the other
         record_config(run, changed, resume=True, ignore=ignore, allowed_changes=["lr"])
     assert record_config(run, changed, resume=True, ignore=ignore, allowed_changes=["lr", "micro_batch_size"]) == {
-        "lr": (1e-4, 3e-4), "micro_batch_size": (2, 4)}
+        "lr": (1e-4, 3e-4), "micro_batch_size": (2, 4), "resume": (None, True)}
     assert (run / "config.json").read_bytes() == original
     history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
-    assert len(history) == 2 and history[-1]["changes"] == {"lr": [1e-4, 3e-4], "micro_batch_size": [2, 4]}
+    assert len(history) == 2 and history[-1]["changes"] == {"lr": [1e-4, 3e-4], "micro_batch_size": [2, 4],
+                                                            "resume": [None, True]}
 
 
 def test_config_changes_sees_added_and_removed_keys():

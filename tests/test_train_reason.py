@@ -1,5 +1,6 @@
 """train_sft_reason.py end to end on the demo data: learning, resume, faults."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -73,11 +74,11 @@ def test_overlong_examples_are_dropped_and_counted(tmp_path):
 def test_malformed_json_line_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1", "response": " 2 </think> <answer> 2 </answer>", "expected_answer": "2"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: malformed JSON"):
         T.main(_args(tmp_path, "--train-file", str(bad)))
     missing = tmp_path / "missing_key.jsonl"
     missing.write_text('{"problem": "1+1", "expected_answer": "2"}\n')
-    with pytest.raises(ValueError, match=r"missing_key.jsonl:1: record has no 'response'"):
+    with pytest.raises(SystemExit, match=r"missing_key.jsonl:1: record has no .response."):
         T.main(_args(tmp_path, "--train-file", str(missing)))
 
 
@@ -123,3 +124,27 @@ def test_demo_preset_learns_addition_with_in_loop_validation(tmp_path):
     assert history[500]["teacher_forced_loss"] < 0.5 * history[0]["teacher_forced_loss"]
     samples = [json.loads(x) for x in (Path(out["run_dir"]) / "samples" / "step_00500.jsonl").read_text().splitlines()]
     assert len(samples) == 20 and all(s["response"].rstrip().endswith("</answer>") for s in samples)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_sampled_in_loop_eval_after_resume_equals_the_uninterrupted_run(tmp_path):
+    """T = 1 validation through vLLM: each val problem's sample is seeded by (seed, its val-file position), so the
+    evaluations after a resume draw what the uninterrupted run drew. Before, vLLM drew from its engine seed, whose
+    stream a resumed run restarts: the step-4 samples differed (checked with request_keys=None)."""
+    common = ["--max-steps", "4", "--save-every", "2", "--keep-last", "5", "--eval-every", "2", "--val-size", "24",
+              "--temperature", "1.0", "--max-tokens", "24", "--engine", "vllm"]
+    full = Path(T.main(_args(tmp_path, "--run-name", "full", *common))["run_dir"])
+    broken = Path(T.main(_args(tmp_path, "--run-name", "broken", *common))["run_dir"])
+    shutil.rmtree(broken / "checkpoints" / "step_000004")  # as if killed right after the step-2 checkpoint
+    (broken / "checkpoints" / "latest").unlink()
+    (broken / "checkpoints" / "latest").symlink_to("step_000002")
+    (broken / "samples" / "step_00004.jsonl").write_text("stale\n")  # the resumed eval must rewrite it
+    T.main(_args(tmp_path, "--run-name", "broken", "--resume", *common, "--eval-every", "4"))
+    a, b = _rows(full, "eval/"), _rows(broken, "eval/")
+    assert sorted(a) == sorted(b) == [0, 2, 4]
+    for step in (0, 2, 4):
+        assert b[step]["eval/math/accuracy"] == a[step]["eval/math/accuracy"]
+    samples = lambda run: (run / "samples" / "step_00004.jsonl").read_text()  # noqa: E731
+    assert samples(broken) == samples(full)  # the same sampled text, token for token
+    history = [json.loads(x) for x in (broken / "config_history.jsonl").read_text().splitlines()]
+    assert [h["changes"] for h in history] == [{"eval_every": [2, 4], "resume": [False, True]}]  # safe, recorded

@@ -147,3 +147,57 @@ def check_lora_flags(lora_r: int, lora_alpha: float, lora_dropout: float, merge_
         # state dicts: neither is wired for PEFT here, so refuse rather than save a wrong checkpoint.
         raise SystemExit(f"--lora-r {lora_r} with {world_size} ranks (torchrun): LoRA runs on one process only; "
                          "run without torchrun (the frozen base needs no optimizer state, so one GPU often fits)")
+
+
+# ------------------------------------------------------------------------------------------------ numeric flag ranges
+def _at_least(low):
+    return (lambda v: v >= low), f"must be >= {low}"
+
+
+def _at_least_or_minus_one(low, meaning):
+    return (lambda v: v >= low or v == -1), f"must be >= {low}, or -1 ({meaning})"
+
+
+# dest -> (valid?, what a valid value is). Each script checks the flags it has, before any model loads: a value out of
+# range fails at once with the flag's name instead of silently doing nothing (an eval every 0 steps) or crashing later.
+FLAG_RANGES = {
+    "micro_batch_size": _at_least(1),
+    "gradient_accumulation_steps": _at_least(1),
+    "max_seq_len": _at_least(2),
+    "pack_tokens": _at_least(2),
+    "lr": ((lambda v: v > 0), "must be > 0"),
+    "min_lr": _at_least(0),
+    "warmup_ratio": ((lambda v: 0 <= v < 1), "must be in [0, 1) (a fraction of the steps)"),
+    "weight_decay": _at_least(0),
+    "grad_clip": ((lambda v: v >= 0), "must be >= 0 (0 = no clipping)"),
+    "epochs": ((lambda v: v > 0 or v == -1), "must be > 0, or -1 (train --max-steps steps)"),
+    "max_steps": _at_least_or_minus_one(1, "use --epochs"),
+    "normalize_constant": ((lambda v: v > 0), "must be > 0"),
+    "num_examples": _at_least_or_minus_one(1, "all"),
+    "eval_every": _at_least_or_minus_one(1, "never"),
+    "save_every": _at_least_or_minus_one(1, "only at the end"),
+    "keep_last": ((lambda v: v >= 0), "must be >= 0 (0 = keep all)"),
+    "val_size": _at_least_or_minus_one(1, "all"),
+    "eval_max_rows": _at_least_or_minus_one(1, "all"),
+    "num_samples_logged": _at_least(0),
+    "max_examples": _at_least_or_minus_one(1, "all"),
+    "temperature": ((lambda v: v >= 0), "must be >= 0 (0 = greedy)"),
+    "top_p": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
+    "max_tokens": _at_least(1),
+    "n_samples": _at_least(1),
+    "gpu_memory_utilization": ((lambda v: 0 < v <= 1), "must be in (0, 1] (a share of the GPU's memory)"),
+    "max_model_len": _at_least_or_minus_one(1, "the model's context length"),
+    "max_num_seqs": _at_least(1),
+    "grader_workers": _at_least(1),
+    "grader_timeout_s": ((lambda v: v > 0), "must be > 0"),
+    "chunk_size": _at_least(0),
+    "peak_tflops": ((lambda v: v > 0), "must be > 0"),
+}
+
+
+def check_flag_ranges(args, ranges: dict = FLAG_RANGES) -> None:
+    """SystemExit naming the first flag of `args` whose value is outside its range in `ranges` (None = unset)."""
+    for dest, (valid, what) in ranges.items():
+        value = getattr(args, dest, None)
+        if value is not None and not valid(value):
+            raise SystemExit(f"--{dest.replace('_', '-')} {value}: {what}")

@@ -22,6 +22,20 @@ KEY_ALIASES = {
 }
 
 
+def checked_problem_and_answer(location: str, problem, answer):
+    """The one rule for a reasoning record's problem and gold answer, in training, in-loop validation and
+    evaluate_reason.py alike: the problem a non-empty string; the answer a string, a number (turned into its string)
+    or a non-empty list of acceptable strings. Returns the answer; ValueError naming `location` otherwise."""
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"{location}: the problem must be a non-empty string, got {problem!r}")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    valid_list = isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer)
+    if not (isinstance(answer, str) or valid_list):
+        raise ValueError(f"{location}: the answer must be a string or a list of strings, got {answer!r}")
+    return answer
+
+
 def load_reason_records(path: str | Path, require_response: bool = True, split: str = "train",
                         config: str | None = None) -> list[dict]:
     """Load records with canonical keys `problem`, `expected_answer` and (when required) `response` from a file or
@@ -42,6 +56,10 @@ def load_reason_records(path: str | Path, require_response: bool = True, split: 
                     raise ValueError(f"{loc}: record has no {key!r} (accepted keys: {', '.join(KEY_ALIASES[key])})")
                 continue
             row[key] = rec[alias]
+        row["expected_answer"] = checked_problem_and_answer(loc, row["problem"], row["expected_answer"])
+        if "response" in row and (require_response or row["response"] is not None):
+            if not isinstance(row["response"], str) or not row["response"].strip():
+                raise ValueError(f"{loc}: the response must be a non-empty string, got {row['response']!r}")
         out.append(row)
     if not out:
         raise ValueError(f"{path}: no records")

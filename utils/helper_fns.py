@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -161,3 +162,13 @@ def pick_device(requested: str = "auto") -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def data_errors_exit():
+    """Inside the block, a ValueError from reading a data file (the readers name `file:line` and what is wrong) ends
+    the script with that message alone: a bad record is the user's to fix, not a traceback to read."""
+    try:
+        yield
+    except ValueError as e:
+        raise SystemExit(f"data error: {e}") from None

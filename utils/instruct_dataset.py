@@ -155,7 +155,9 @@ def _records_sha256(records: list[tuple[str, dict]]) -> str:
     return h.hexdigest()
 
 
-def _validated_records(records: list[tuple[str, dict]], source: str) -> list[tuple[str, dict]]:
+def validated_records(records: list[tuple[str, dict]], source: str) -> list[tuple[str, dict]]:
+    """The `(location, record)` pairs of `source` checked: each a chat record (`messages`, see
+    `utils.chat_format`) or one with string `prompt` and `response` (ValueError naming its location otherwise)."""
     if not records:
         raise ValueError(f"{source}: no records")
     from utils.chat_format import validate_messages
@@ -236,6 +238,8 @@ class PackedSFTDataset(Dataset):
         template = load_prompt("alpaca_sft") if template is None else template
         if "{response}" not in template:
             raise ValueError("template has no {response} placeholder: the prompt/response boundary is undefined")
+        if "{instruction}" not in template:
+            raise ValueError("template has no {instruction} placeholder: every document would lack its prompt")
         path = Path(dataset_path)
         self.hub = is_hub_id(dataset_path)
         if not self.hub and not path.exists():
@@ -279,7 +283,7 @@ class PackedSFTDataset(Dataset):
                     return payload
         # local files: raises ValueError with file:line on malformed JSON / non-object lines
         records = records if records is not None else load_records(path, split, config)
-        docs = _tokenize_documents(tokenizer, _validated_records(records, self.source), template)
+        docs = _tokenize_documents(tokenizer, validated_records(records, self.source), template)
         if use_cache:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_path.with_name(self.cache_path.name + f".tmp{os.getpid()}")

@@ -9,6 +9,25 @@ import torch
 from utils.doc_attention import set_attention_backend
 
 
+def check_model_flag(model: str, flag: str = "--model") -> None:
+    """Before anything loads: `tiny`, a local model folder (with config.json), or a hub id (`org/name`, not a local
+    path). SystemExit naming the flag for a missing folder or a folder that holds no model."""
+    import re
+
+    if model == "tiny":
+        return
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"{flag} {model}: the folder has no config.json, so it is not a model folder (a run "
+                             f"folder's models are under checkpoints/, e.g. {path / 'checkpoints' / 'latest'})")
+        return
+    if path.exists():
+        raise SystemExit(f"{flag} {model}: a file, not a model folder or hub id")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model) or model.startswith("."):
+        raise SystemExit(f"{flag} {model}: no such folder (and not a hub id of the form org/name)")
+
+
 def load_policy(
     model_name: str, run_dir: Path, family: str, texts: list[str], dtype: torch.dtype, device: str, seed: int,
     gradient_checkpointing: bool = False, build_model: bool = True, attention: str = "varlen", liger: bool = False,

@@ -51,6 +51,7 @@ class ReasonValidator:
         if val_size >= 0:
             order = sorted(order[:val_size])
         self.records = [val_records[i] for i in order]
+        self.keys = order  # val-file positions: each problem's samples are seeded by it (same across resumes)
         self.sample_ids = list(range(min(num_samples_logged, len(self.records))))
         self.benchmark = MathBenchmark(prompt_template=template, grader_workers=grader_workers)
         self.prompts = [self.benchmark.build_prompt(r) for r in self.records]
@@ -77,7 +78,7 @@ class ReasonValidator:
 
         engine = self._get_engine()
         engine.load_weights(self.policy)
-        completions = [c[0] for c in engine.generate(self.prompts, self.sampling)]
+        completions = [c[0] for c in engine.generate(self.prompts, self.sampling, request_keys=self.keys)]
         examples = [{"problem": r["problem"], "expected_answer": r["expected_answer"]} for r in self.records]
         scored = self.benchmark.score(examples, completions)
         summary = self.benchmark.summarize(scored)

@@ -189,8 +189,9 @@ def _read_config(path: Path) -> dict:
 
 
 def _refuse_changes(run_dir, saved, current, ignore, allowed_changes) -> dict[str, tuple]:
-    changes = config_changes(saved, current, ignore)
-    refused = {k: v for k, v in changes.items() if k not in set(allowed_changes)}
+    """Every changed setting (the resume-safe ones too, for the record); SystemExit on the others not allowed."""
+    changes = config_changes(saved, current, ())
+    refused = {k: v for k, v in changes.items() if k not in set(ignore) and k not in set(allowed_changes)}
     if refused:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise SystemExit(
@@ -212,7 +213,7 @@ def record_config(run_dir: Path, config: dict, resume: bool, ignore: Iterable[st
         allowed_changes: keys the user allows to change (`--allow-config-change`); recorded in the history.
 
     Returns:
-        The changed settings {key: (saved, new)} (all allowed, or the call raised).
+        Every changed setting {key: (saved, new)}, resume-safe ones included (all allowed, or the call raised).
 
     Raises:
         SystemExit: naming every changed setting that is not allowed.

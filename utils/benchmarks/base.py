@@ -186,13 +186,37 @@ def _check_resume(records: list[dict], prompts: dict[int, str], generation: dict
                              f"(data file or prompt template changed); use another output folder")  # fmt: skip
 
 
+def model_identity(model_name: str) -> dict:
+    """Which weights a local model folder holds, beyond its name: the resolved folder (a `latest` link re-pointed
+    between runs resolves elsewhere) and a fingerprint of its weight and config files (names, sizes, and the first and
+    last MiB of each, so a retrained checkpoint in the same folder differs). Empty for a hub id or a live policy."""
+    import hashlib
+
+    folder = Path(model_name)
+    if not folder.is_dir():
+        return {}
+    digest = hashlib.sha256()
+    weights = (".safetensors", ".bin")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in weights or p.name == "config.json"))
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                digest.update(fh.read(1 << 20))
+    return {"model_resolved": str(folder.resolve()), "model_fingerprint": digest.hexdigest()[:16]}
+
+
 def generation_settings(benchmark: Benchmark, model_name: str, data_path: str | os.PathLike,
                         sampling: SamplingConfig) -> dict:  # fmt: skip
     """What the records of an output folder depend on; stored as generation.json and compared on resume. A benchmark
-    with a `protocol` adds it: a record's headline fields are scored under one protocol; a hub dataset adds its split
-    and config."""
+    with a `protocol` adds it: a record's headline fields are scored under one protocol. A local model adds its
+    identity (`model_identity`), so records of two checkpoints behind one path never mix; a hub dataset adds its
+    split and config."""
     settings = {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path),
-                "sampling": asdict(sampling)}  # fmt: skip
+                "sampling": asdict(sampling), **model_identity(model_name)}  # fmt: skip
     if benchmark.protocol is not None:
         settings["protocol"] = benchmark.protocol
     from utils.data_sources import is_hub_id
@@ -273,7 +297,9 @@ def run_benchmark(benchmark: Benchmark, engine: InferenceEngine, data_path: str 
         chunk = todo[start : start + step]
         if chunk:
             t0 = time.perf_counter()
-            completions = engine.generate([prompts[ex["index"]] for ex in chunk], sampling, use_tqdm=use_tqdm)
+            # keyed by example index: a resumed run samples what the uninterrupted run did (utils.engine_base)
+            completions = engine.generate([prompts[ex["index"]] for ex in chunk], sampling, use_tqdm=use_tqdm,
+                                          request_keys=[ex["index"] for ex in chunk])
             t1 = time.perf_counter()
             scored = benchmark.score(chunk, completions)
             score_s += time.perf_counter() - t1

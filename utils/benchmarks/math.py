@@ -13,6 +13,7 @@ from collections import Counter
 
 from utils.benchmarks.base import Benchmark, mean, response_stats, select_examples
 from utils.data_sources import load_records
+from utils.dataloader import checked_problem_and_answer
 from utils.helper_fns import load_prompt
 from utils.inference import Completion
 
@@ -50,13 +51,7 @@ def load_math_examples(path: str | os.PathLike, max_examples: int = -1, split: s
     for i, (location, rec) in enumerate(load_records(path, split, config)):
         problem = _first_key(rec, PROBLEM_KEYS, location)
         answer = _first_key(rec, ANSWER_KEYS, location)
-        if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"{location}: the problem must be a non-empty string, got {problem!r}")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        valid_list = isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer)
-        if not (isinstance(answer, str) or valid_list):
-            raise ValueError(f"{location}: the answer must be a string or a list of strings, got {answer!r}")
+        answer = checked_problem_and_answer(location, problem, answer)
         examples.append({"index": i, "problem": problem, "expected_answer": answer})
     return select_examples(examples, max_examples)
 
