@@ -149,7 +149,7 @@ def test_evaluation_scripts_read_parquet_and_hub_splits(tmp_path, monkeypatch):
         EI.check_run(mmlu)
     monkeypatch.undo()  # the real loader again, offline
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    args = ER.parse_args(["--model", "m", "--data", "someorg/math", "--data-split", "validation",
+    args = ER.parse_args(["--model", "someorg/model", "--data", "someorg/math", "--data-split", "validation",
                           "--output-dir", str(tmp_path / "eval")])
     with pytest.raises(SystemExit, match=r"--data: someorg/math\[validation\]: cannot load .*HF_HUB_OFFLINE"):
         ER.main(args)
