@@ -93,7 +93,6 @@ def check_args(args: argparse.Namespace) -> None:
     from utils.model_setup import check_model_flag
 
     check_flag_ranges(args, {k: v for k, v in FLAG_RANGES.items() if k != "chunk_size"})  # checked below: -1 = all
-    check_model_flag(args.model)
     if args.n_samples > 1 and args.temperature == 0:
         raise SystemExit(f"--n-samples {args.n_samples} with --temperature 0 gives {args.n_samples} identical greedy "
                          f"samples; use --temperature > 0 or --n-samples 1")  # fmt: skip
@@ -105,6 +104,7 @@ def check_args(args: argparse.Namespace) -> None:
                          "a 20-problem sample: data/sft-reason/sample_val.jsonl")
     if not Path(args.prompt_template).exists():
         raise SystemExit(f"--prompt-template {args.prompt_template}: file not found")
+    check_model_flag(args.model)
 
 
 def default_output_dir(args: argparse.Namespace) -> str:

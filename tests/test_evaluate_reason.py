@@ -376,6 +376,15 @@ def test_evaluate_reason_greedy_vllm_and_hf_give_the_same_records(tiny_qwen_dir,
     assert len({r["response"] for r in v}) == 6
 
 
+def _unloadable_model(tmp_path):
+    """A folder that passes the --model check (it has a config.json) but that no loader could load: a test that
+    reaches model loading fails loudly instead of passing by accident."""
+    folder = tmp_path / "unloadable-model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -389,7 +398,7 @@ def test_evaluate_reason_greedy_vllm_and_hf_give_the_same_records(tiny_qwen_dir,
 def test_evaluate_reason_rejects_bad_flags_before_loading_a_model(tmp_path, extra, message):
     from evaluate_reason import main, parse_args
 
-    args = parse_args(["--model", str(tmp_path / "no-such-model"), "--data", str(SAMPLE_VAL),
+    args = parse_args(["--model", str(_unloadable_model(tmp_path)), "--data", str(SAMPLE_VAL),
                        "--output-dir", str(tmp_path / "out"), *extra])  # fmt: skip
     with pytest.raises(SystemExit, match=message):
         main(args)
@@ -400,7 +409,7 @@ def test_evaluate_reason_bad_record_stops_before_loading_a_model(tmp_path):
     from evaluate_reason import main, parse_args
 
     data = _write_jsonl(tmp_path / "val.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b"}])
-    args = parse_args(["--model", str(tmp_path / "no-such-model"), "--data", str(data),
+    args = parse_args(["--model", str(_unloadable_model(tmp_path)), "--data", str(data),
                        "--output-dir", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match=r"val\.jsonl:2: missing key 'expected_answer'"):
         main(args)
