@@ -41,7 +41,8 @@ import argparse
 import json
 from pathlib import Path
 
-from utils.cli_flags import add_engine_flags, check_engine_flags
+from utils.cli_flags import add_data_source_flags, add_engine_flags, check_engine_flags
+from utils.data_sources import is_hub_id
 
 ALL_CONFIGS = [f"data/eval_configs/{b}.yaml" for b in ("gsm8k", "mmlu", "sst", "alpaca_eval")]
 JUDGED = ("sst", "alpaca_eval")
@@ -79,6 +80,7 @@ def _build_parser(suppress: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("data and prompts")
     g.add_argument("--data", help="the benchmark's data file (MMLU: folder of <subject>_test.csv); default: the config's")
     g.add_argument("--sample-data", dest="use_sample_data", action="store_true", help="use the config's bundled `sample_data` file instead of `data` (smoke runs)")
+    add_data_source_flags(g, {"--data-split": ("test", "split of a hub dataset --data (gsm8k, alpaca_eval)")})
     g.add_argument("--max-examples", type=int, default=-1, help="first N examples (-1 = all)")
     g.add_argument("--prompt-format", choices=list(PROMPT_FORMATS), default="zero_shot", help="zero_shot = the reference frame (base models); alpaca = the SFT training template")
     g.add_argument("--frame-prompt", default=None, help="frame file with an {instruction} slot (None = the prompt format's)")
@@ -225,7 +227,10 @@ def check_run(s: argparse.Namespace) -> None:
     data = Path(s.data) if s.data else None
     if data is None:
         raise SystemExit(f"{where}: no data path (set `data` in the config or --data)")
-    if not data.exists():
+    if is_hub_id(s.data) and s.benchmark in ("mmlu", "sst"):
+        raise SystemExit(f"{where}: data {s.data} looks like a hub dataset id; {s.benchmark} reads CSV files "
+                         f"(hub datasets: gsm8k and alpaca_eval, JSON records)")  # fmt: skip
+    if not is_hub_id(s.data) and not data.exists():
         found = sorted({str(p.parent if s.benchmark == "mmlu" else p) for p in Path(EVAL_DATA_DIR).glob(
             DATA_GLOBS[s.benchmark]) if not p.name.startswith("sample_") and "sample_" not in p.parent.name})
         hint = f"\n{EVAL_DATA_DIR} holds {found}: pass one with --data." if found else ""
@@ -339,6 +344,7 @@ def main(args: argparse.Namespace, engine=None) -> dict[str, dict]:
         check_engine_flags(s.device, s.tensor_parallel_size, s.data_parallel_size)
         try:
             benchmark = build_benchmark(s)
+            benchmark.data_split, benchmark.data_config = s.data_split, s.data_config  # where a hub --data is read
             examples = benchmark.load_examples(s.data, s.max_examples)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"{s.config}: {e}") from None

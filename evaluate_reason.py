@@ -19,7 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.cli_flags import (FLAG_RANGES, add_deprecated_alias, add_engine_flags, check_engine_flags,
+from utils.cli_flags import (FLAG_RANGES, add_data_source_flags, add_deprecated_alias, add_engine_flags,
+                             check_engine_flags,
                              check_flag_ranges)
 
 # YAML keys of renamed flags, still read under the new name (--config)
@@ -33,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF hub id or local model folder")
     g.add_argument("--data", default="data/sft-reason/val.jsonl",
-                   help="JSONL or JSON array of {problem|question, expected_answer|answer|ground_truth}")
+                   help="JSONL, JSON array or Parquet of {problem|question, expected_answer|answer|ground_truth}, or a "
+                        "hub dataset id")
+    add_data_source_flags(g, {"--data-split": ("test", "split of a hub --data")})
     g.add_argument("--prompt-template", default="data/r1_zero.prompt",
                    help="prompt file with a {question} slot (the one training uses)")
     add_deprecated_alias(g, "--prompt", "--prompt-template")
@@ -87,6 +90,7 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject out-of-range values, bad flag combinations and missing files before any model loads."""
+    from utils.data_sources import is_hub_id
     from utils.model_setup import check_model_flag
 
     check_flag_ranges(args, {k: v for k, v in FLAG_RANGES.items() if k != "chunk_size"})  # checked below: -1 = all
@@ -95,7 +99,7 @@ def check_args(args: argparse.Namespace) -> None:
                          f"samples; use --temperature > 0 or --n-samples 1")  # fmt: skip
     if args.chunk_size == 0 or args.chunk_size < -1:
         raise SystemExit(f"--chunk-size {args.chunk_size}: must be >= 1, or -1 for one call")
-    if not Path(args.data).exists():
+    if not is_hub_id(args.data) and not Path(args.data).exists():
         hint = " (download it: python play-scripts/data-scripts/download_data.py)" if "sft-reason" in args.data else ""
         raise SystemExit(f"--data {args.data}: file not found{hint}; "
                          "a 20-problem sample: data/sft-reason/sample_val.jsonl")
@@ -125,6 +129,7 @@ def main(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     benchmark = REGISTRY["math"](prompt_template=load_prompt(args.prompt_template), grader_workers=args.grader_workers,
                                  grader_timeout_s=args.grader_timeout_s)  # fmt: skip
+    benchmark.data_split, benchmark.data_config = args.data_split, args.data_config  # where a hub --data is read
     try:
         examples = benchmark.load_examples(args.data, args.max_examples)  # every record checked before the model loads
     except ValueError as e:

@@ -27,8 +27,9 @@ import shutil
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_deprecated_alias, add_gpu_node_flags, add_run_flags, add_speed_flags,
-                             check_flag_ranges, check_speed_flags, parse_with_presets, wandb_tags)
+from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_gpu_node_flags, add_lora_flags,
+                             add_run_flags, add_speed_flags, check_flag_ranges, check_lora_flags, check_speed_flags,
+                             parse_with_presets, wandb_tags)
 
 PRESETS = {
     "demo": dict(
@@ -56,8 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="meta-llama/Llama-3.1-8B",
                    help="HF hub id or folder; 'tiny' = a tiny Llama + BPE built from the training texts")
     g.add_argument("--train-file", default="data/sft-instruct/train.jsonl",
-                   help="{prompt, response} JSON Lines (.gz ok)")
-    g.add_argument("--test-file", default="data/sft-instruct/test.jsonl", help="held-out split for the eval loss")
+                   help="{prompt, response} or chat {messages: [{role, content}]} records: JSON Lines (.gz ok) or "
+                        "Parquet, or a hub dataset id")
+    g.add_argument("--test-file", default="data/sft-instruct/test.jsonl",
+                   help="held-out split for the eval loss (file or hub dataset id)")
+    add_data_source_flags(g, {"--train-split": ("train", "split of a hub --train-file"),
+                              "--test-split": ("test", "split of a hub --test-file")})
     g.add_argument("--prompt-template", default="data/alpaca_sft.prompt",
                    help="document template with {instruction} and {response}")
     add_deprecated_alias(g, "--template", "--prompt-template")
@@ -65,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per packed row (every row has exactly this many)")
     add_deprecated_alias(g, "--seq-length", "--max-seq-len", type=int)
     g.add_argument("--mask-prompt", action="store_true",
-                   help="no loss on prompt tokens (rows with no response token are dropped)")
+                   help="no loss on prompt tokens, or on all but the assistant turns of chat records (rows with no "
+                        "response token are dropped)")
     g.add_argument("--packing", choices=["concat", "doc"], default="concat",
                    help="concat = causal attention over the whole row (the reference); doc = per document (see above)")
     g.add_argument("--cache-dir", default="", help="tokenization cache folder ('' = next to the data file)")
@@ -93,11 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--run-name", default="", help="default: instruct_<model>_<mask|nomask>_<timestamp>")
     add_run_flags(g)
     add_gpu_node_flags(p.add_argument_group("GPU node: saved dtype, memory plan, wandb"), colocated_vllm=False)
+    add_lora_flags(p)
     return parse_with_presets(p, PRESETS, argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject out-of-range values and bad flag combinations before any model loads."""
+    from utils.data_sources import is_hub_id
     from utils.model_setup import check_model_flag
 
     check_flag_ranges(args)
@@ -110,7 +118,11 @@ def check_args(args: argparse.Namespace) -> None:
     placeholders = ("{instruction}", "{response}")
     if template.is_file() and not all(k in template.read_text(encoding="utf-8") for k in placeholders):
         raise SystemExit(f"--prompt-template {template}: needs both {{instruction}} and {{response}} placeholders")
+    check_lora_flags(args.lora_r, args.lora_alpha, args.lora_dropout, args.merge_on_save,
+                     int(os.environ.get("WORLD_SIZE", "1")))
     for flag in ("train_file", "test_file", "prompt_template"):
+        if flag != "prompt_template" and is_hub_id(getattr(args, flag)):
+            continue  # loaded (or refused, offline) through `datasets` before the model
         if not Path(getattr(args, flag)).exists():
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: file not found "
                              "(download: python play-scripts/data-scripts/download_data.py --only sft-instruct)")
@@ -126,7 +138,8 @@ def plan_memory_or_stop(args: argparse.Namespace, device: str, world_size: int, 
     plan_device = device if device.startswith("cuda") else "cuda"  # --plan-only on a CPU box plans for a GPU
     setup = TrainSetup(precision=resolve_precision(args.precision, plan_device), world_size=world_size,
                        micro_batch_size=args.micro_batch_size, seq_len=args.max_seq_len,
-                       gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size)
+                       gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size,
+                       lora_r=args.lora_r)
     check_memory_plan(args.model, setup, device_memory_bytes(args.gpu_memory_gib, device), args.plan_only, verbose)
 
 
@@ -200,9 +213,16 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
 
     # ---- model and data (rank 0 builds a tiny model first so other ranks load the same one)
     # the tiny model's tokenizer is trained on the texts; records are validated first, as for a real model
-    with data_errors_exit():
-        texts = [r["prompt"] + "\n" + r["response"] for _, r in validated_records(Path(args.train_file))] \
-            if args.model == "tiny" else []
+    texts = []
+    if args.model == "tiny":
+        from utils.data_sources import load_records
+
+        with data_errors_exit():
+            records = validated_records(load_records(args.train_file, args.train_split, args.data_config),
+                                        args.train_file)
+        for _, r in records:
+            parts = [m["content"] for m in r["messages"]] if "messages" in r else [r["prompt"], r["response"]]
+            texts.append("\n".join(parts))
     if info.is_main:
         load_policy(args.model, run_dir, "llama", texts, torch.float32, "cpu", args.seed, build_model=False)
     D.barrier(info)
@@ -215,6 +235,11 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
                                            prepare=prepare_for_sharding)
         if args.liger:
             apply_liger_kernels(model)
+    if args.lora_r > 0:
+        from utils.lora import apply_lora
+
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                           args.gradient_checkpointing)
     template = load_prompt(args.prompt_template)
     # the checkpoints' chat template renders one instruction into the training document's prompt part, BOS included
     # when training's tokenization adds it (Llama-3), and an assistant turn ends in EOS as documents do
@@ -222,13 +247,14 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
     save_dtype = resolve_save_dtype(args.save_dtype, model_path)
     say(f"checkpoints: weights saved in {save_dtype} (--save-dtype {args.save_dtype}), Alpaca chat template")
     ds_kwargs = dict(seq_length=args.max_seq_len, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
-                     cache_dir=args.cache_dir or None)
+                     cache_dir=args.cache_dir or None, config=args.data_config)
     # Rank 0 tokenizes (and caches) first; the other ranks then read its cache instead of repeating the work.
     for turn in ((True, False) if info.enabled else (True,)):
         if info.is_main == turn:
             with data_errors_exit():
-                train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, **ds_kwargs)
-                test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, **ds_kwargs)
+                train_ds = PackedSFTDataset(tokenizer, args.train_file, shuffle=True, split=args.train_split,
+                                            **ds_kwargs)
+                test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, split=args.test_split, **ds_kwargs)
         D.barrier(info)
     rows_per_step = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
     steps = math.ceil(args.epochs * len(train_ds) / rows_per_step) if args.epochs > 0 else args.max_steps
@@ -290,6 +316,10 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
         if info.is_main:
             path = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last,
                                    state_dict=sd, save_dtype=save_dtype, sharded_state=staging)
+            if args.merge_on_save:
+                from utils.lora import save_merged_model
+
+                say(f"merged model: {save_merged_model(model, tokenizer, path / 'merged')}")
         D.barrier(info)
         return path
 

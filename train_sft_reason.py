@@ -9,7 +9,8 @@ Smoke run of the real pipeline on the demo data:
     python train_sft_reason.py --preset demo --max-steps 20 --eval-every 10 --run-name smoke
 
 Each run writes results/<run>/config.json (before step 0), metrics.jsonl (train/* per step, eval/* per eval),
-samples/step_XXXXX.jsonl (fixed example generations) and checkpoints/step_XXXXXX (HF folders vLLM loads).
+samples/step_XXXXX.jsonl (fixed example generations) and checkpoints/step_XXXXXX (HF folders vLLM loads; with
+--lora-r the adapter in PEFT's format, plus merged/ with --merge-on-save).
 
 Flags in more detail:
   --loss-normalization  per_example: mean over each example's response tokens, then over examples (the reference's
@@ -30,8 +31,9 @@ import math
 import time
 from pathlib import Path
 
-from utils.cli_flags import (add_deprecated_alias, add_gpu_node_flags, add_run_flags, add_speed_flags,
-                             check_flag_ranges, check_speed_flags, parse_with_presets, wandb_tags)
+from utils.cli_flags import (add_data_source_flags, add_deprecated_alias, add_gpu_node_flags, add_lora_flags,
+                             add_run_flags, add_speed_flags, check_flag_ranges, check_lora_flags, check_speed_flags,
+                             parse_with_presets, wandb_tags)
 
 PRESETS = {
     # Tiny Qwen2 from scratch on bundled addition problems: short prompt (the r1_zero preamble is ~7x slower to
@@ -67,9 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B",
                    help="HF hub id or local folder; 'tiny' = a tiny Qwen2 + BPE built from the training texts")
     g.add_argument("--train-file", default="data/sft-reason/sft_gpt-oss-120b_filtered.jsonl",
-                   help="JSONL or JSON array of {problem, reasoning_trace|response, expected_answer}")
+                   help="JSONL, JSON array or Parquet of {problem, reasoning_trace|response, expected_answer}, or a "
+                        "hub dataset id")
     g.add_argument("--val-file", default="data/sft-reason/val.jsonl",
-                   help="JSONL or JSON array of {problem, expected_answer}")
+                   help="JSONL, JSON array or Parquet of {problem, expected_answer}, or a hub dataset id")
+    add_data_source_flags(g, {"--train-split": ("train", "split of a hub --train-file"),
+                              "--val-split": ("test", "split of a hub --val-file")})
     g.add_argument("--prompt-template", default="data/r1_zero.prompt", help="prompt file with a {question} slot")
     g.add_argument("--num-examples", type=int, default=-1,
                    help="first N training records after a seeded shuffle (-1 = all)")
@@ -122,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_flags(g)
     add_gpu_node_flags(p.add_argument_group("GPU node: saved dtype, memory plan, vLLM sleep, wandb"),
                        colocated_vllm=True)  # fmt: skip
+    add_lora_flags(p)
     args = parse_with_presets(p, PRESETS, argv)
     if "min_lr_ratio" in vars(args):  # the deprecated relative spelling, turned into the absolute one
         args.min_lr = args.lr * vars(args).pop("min_lr_ratio")
@@ -130,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject out-of-range values and bad flag combinations before any model loads."""
+    from utils.data_sources import is_hub_id
     from utils.model_setup import check_model_flag
 
     check_flag_ranges(args)
@@ -143,7 +150,10 @@ def check_args(args: argparse.Namespace) -> None:
                          "a kept example would not fit a row")
     if args.loss_normalization != "constant" and args.normalize_constant != 1.0:
         raise SystemExit("--normalize-constant only applies with --loss-normalization constant")
+    check_lora_flags(args.lora_r, args.lora_alpha, args.lora_dropout, args.merge_on_save)
     for f in ("train_file", "val_file", "prompt_template"):
+        if f != "prompt_template" and is_hub_id(getattr(args, f)):
+            continue  # loaded (or refused, offline) through `datasets` before the model
         if not Path(getattr(args, f)).exists():
             download = " (download it: python play-scripts/data-scripts/download_data.py)"
             hint = download if "sft-reason" in getattr(args, f) else ""
@@ -165,6 +175,7 @@ def plan_memory_or_stop(args: argparse.Namespace, device: str) -> None:
                        micro_batch_size=1 if bfd else args.micro_batch_size,
                        seq_len=args.pack_tokens if bfd else args.max_seq_len,
                        gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size,
+                       lora_r=args.lora_r,
                        vllm_share=args.gpu_memory_utilization if colocated else 0.0,
                        vllm_sleeps=resolve_vllm_sleep(args.vllm_sleep, args.engine, plan_device, args.vllm_device)[0])
     check_memory_plan(args.model, setup, device_memory_bytes(args.gpu_memory_gib, device), args.plan_only)
@@ -224,8 +235,10 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
     # ---- data
     template = load_prompt(args.prompt_template)
     with data_errors_exit():
-        train_records = select_examples(load_reason_records(args.train_file), args.num_examples, args.seed)
-        val_records = load_reason_records(args.val_file, require_response=False)
+        train_records = select_examples(load_reason_records(args.train_file, split=args.train_split,
+                                                            config=args.data_config), args.num_examples, args.seed)
+        val_records = load_reason_records(args.val_file, require_response=False, split=args.val_split,
+                                          config=args.data_config)
     prompts, responses = format_prompts(train_records, template), [r["response"] for r in train_records]
 
     # ---- model
@@ -238,6 +251,11 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
     save_dtype = resolve_save_dtype(args.save_dtype, model_path)
     print(f"checkpoints: weights saved in {save_dtype} (--save-dtype {args.save_dtype}); chat template = "
           f"{args.prompt_template}")
+    if args.lora_r > 0:
+        from utils.lora import apply_lora
+
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                           args.gradient_checkpointing)
     kept, lengths = drop_overlong(prompts, responses, tokenizer, args.max_seq_len)
     n_dropped = len(prompts) - len(kept)
     prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
@@ -315,6 +333,10 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
             if step == steps or (args.save_every > 0 and step % args.save_every == 0):
                 last_good = save_checkpoint(ckpt_dir, step, model, tokenizer, optimizer, {"step": step}, args.keep_last,
                                             save_dtype=save_dtype)
+                if args.merge_on_save:
+                    from utils.lora import save_merged_model
+
+                    print(f"merged model: {save_merged_model(model, tokenizer, last_good / 'merged')}")
     finally:
         progress.close()
         validator.close()

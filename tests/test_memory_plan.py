@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -77,3 +79,28 @@ def test_gradient_checkpointing_and_chunking_shrink_what_they_should():
 def test_config_without_sizes_is_a_clear_error():
     with pytest.raises(ValueError, match="lacks 'hidden_size'"):
         ModelShape.from_config({"model_type": "bert"})
+
+
+def test_lora_terms_by_hand_and_llama8b_fits_one_gpu_with_lora():
+    """Llama-3.1-8B, pure bf16 on one GPU: full fine-tuning needs ~60 GiB of static terms, so 24 GiB says no and offers
+    --lora-r 16 (frozen bf16 base 15 GiB, ~42M fp32 adapters); at 80 GiB LoRA fits without gradient checkpointing."""
+    shape = ModelShape.from_config(LLAMA_8B, name="Llama-3.1-8B")
+    P = 8_030_261_248
+    per_layer = (4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 14336)  # q, k, v, o, gate, up, down
+    A = 32 * 16 * per_layer
+    assert shape.lora_parameters(16) == A == 41_943_040
+    small = TrainSetup(precision="bf16", micro_batch_size=1, seq_len=2048, gradient_checkpointing=True,
+                       chunk_size=4096)
+    assert not plan_memory(shape, small, 24 * GIB).fits
+    assert "--lora-r 16 (frozen base, adapters only)" in options_that_fit(shape, small, 24 * GIB)
+    lora = plan_memory(shape, dataclasses.replace(small, lora_r=16), 24 * GIB)
+    assert lora.terms["weights"] == 2 * P + 4 * A
+    assert lora.terms["gradients"] == 4 * A and lora.terms["optimizer (AdamW moments)"] == 8 * A
+    assert lora.terms["activations"] == plan_memory(shape, small, 24 * GIB).terms["activations"]
+    assert lora.fits and lora.peak_bytes < 22 * GIB
+    assert "LoRA r 16 (41.9M trainable)" in format_plan(lora)
+    big = TrainSetup(precision="bf16", micro_batch_size=4, seq_len=512, lora_r=16)
+    assert plan_memory(shape, big, 80 * GIB).fits
+    assert not any("torchrun" in o for o in options_that_fit(shape, TrainSetup(lora_r=16, seq_len=65536), 24 * GIB))
+    with pytest.raises(ValueError, match="one process"):
+        plan_memory(shape, TrainSetup(lora_r=16, world_size=2), 80 * GIB)

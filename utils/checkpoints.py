@@ -116,8 +116,10 @@ def save_checkpoint(
     """Write `ckpt_root/step_XXXXXX/` atomically and point the `ckpt_root/latest` symlink at it; keep the newest
     `keep_last`.
 
-    The folder is a complete HF model + tokenizer (loadable by vLLM and `from_pretrained`) plus
-    `trainer_state/trainer_state.pt` with the optimizer state, RNG states and `trainer_state` (step, data position).
+    The folder is a complete HF model + tokenizer (loadable by vLLM and `from_pretrained`), or for a PEFT model its
+    adapter in PEFT's format (`PeftModel.save_pretrained`, in training precision; see `utils.lora.save_merged_model`
+    for a full folder), plus `trainer_state/trainer_state.pt` with the optimizer state, RNG states and
+    `trainer_state` (step, data position).
     Under FSDP, rank 0 passes the consolidated `state_dict` and `optimizer_state` (see `utils.distributed`).
 
     `save_dtype` ("bfloat16", "float16", "float32"; None = the model's own) is the dtype of the served weights, and
@@ -138,6 +140,8 @@ def save_checkpoint(
     target = unwrap_model(model)
     full = state_dict if state_dict is not None else target.state_dict()
     served = full
+    if hasattr(target, "peft_config"):  # a LoRA adapter: small, saved as trained (no config.json to record a dtype)
+        save_dtype = None
     if save_dtype is not None:
         from utils.serving import cast_state_dict
 
@@ -212,14 +216,24 @@ def load_checkpoint(
     """Load weights, optimizer state and RNG states from a checkpoint folder; returns its `trainer_state` dict.
 
     A checkpoint with `trainer_state/dcp/` (written under FSDP) loads model and optimizer from those shards, on any
-    number of ranks. Otherwise weights come from `trainer_state/model.safetensors` when the checkpoint has it (full
-    precision), else from the served files; with FSDP (`dist_info.enabled`) rank 0 reads them and broadcasts, and
-    each rank keeps its shard.
+    number of ranks. A LoRA checkpoint (an `adapter_config.json` folder, from a PEFT `model`) restores the adapter
+    weights only (`utils.lora`). Otherwise weights come from `trainer_state/model.safetensors` when the checkpoint has
+    it (full precision), else from the served files; with FSDP (`dist_info.enabled`) rank 0 reads them and
+    broadcasts, and each rank keeps its shard.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
     target = unwrap_model(model)
+    if (path / "adapter_config.json").exists():  # a LoRA run: the folder holds the adapter, not the full weights
+        from utils.lora import load_adapter_state
+
+        load_adapter_state(model, path)
+        blob = load_trainer_state(resume_state_file(path))
+        if optimizer is not None and blob["optimizer"] is not None:
+            optimizer.load_state_dict(blob["optimizer"])
+        set_rng_state(blob["rng"])
+        return blob["trainer_state"]
     if (path / RESUME_DIR / "dcp").is_dir():  # FSDP's sharded state: resharded to this run's ranks, one included
         from utils.distributed import load_sharded_state
 

@@ -160,6 +160,48 @@ def wandb_tags(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def add_data_source_flags(group, splits: dict[str, tuple[str, str]]) -> None:
+    """Split flags (`{"--train-split": ("train", "help")}`) and `--data-config` for data flags that take a hub
+    dataset id as well as a local file (`utils.data_sources`)."""
+    for flag, (default, help_text) in splits.items():
+        group.add_argument(flag, default=default, help=help_text)
+    group.add_argument("--data-config", default=None,
+                       help="configuration name of hub datasets (default: the dataset's default; local files: unused)")
+
+
+def add_lora_flags(parser) -> None:
+    """The `lora` argument group both train scripts take (`utils.lora`): rank 0 = full fine-tuning."""
+    from utils.lora import DEFAULT_TARGET_MODULES
+
+    g = parser.add_argument_group("lora")
+    g.add_argument("--lora-r", type=int, default=0,
+                   help="LoRA rank: train adapters of this rank on a frozen base (0 = full fine-tuning)")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator: updates scaled by alpha / r")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input (0-1)")
+    g.add_argument("--lora-target-modules", nargs="+", default=list(DEFAULT_TARGET_MODULES), metavar="NAME",
+                   help="linear layers that get adapters (default: the attention and MLP projections)")
+    g.add_argument("--merge-on-save", action="store_true",
+                   help="with --lora-r: each checkpoint also gets merged/, the full merged model vLLM and HF load")
+
+
+def check_lora_flags(lora_r: int, lora_alpha: float, lora_dropout: float, merge_on_save: bool,
+                     world_size: int = 1) -> None:
+    """Refuse bad LoRA flag values and combinations before any model loads (`world_size` > 1: torchrun's FSDP)."""
+    if lora_r < 0:
+        raise SystemExit(f"--lora-r {lora_r}: must be >= 0 (0 = full fine-tuning)")
+    if merge_on_save and lora_r == 0:
+        raise SystemExit("--merge-on-save needs --lora-r > 0 (a full fine-tune's checkpoints are already full models)")
+    if lora_r == 0:
+        return
+    if lora_alpha <= 0 or not 0 <= lora_dropout < 1:
+        raise SystemExit(f"--lora-alpha {lora_alpha} must be > 0 and --lora-dropout {lora_dropout} in [0, 1)")
+    if world_size > 1:
+        # FSDP2 would shard the frozen base and the adapters alike, and the checkpoint code consolidates full model
+        # state dicts: neither is wired for PEFT here, so refuse rather than save a wrong checkpoint.
+        raise SystemExit(f"--lora-r {lora_r} with {world_size} ranks (torchrun): LoRA runs on one process only; "
+                         "run without torchrun (the frozen base needs no optimizer state, so one GPU often fits)")
+
+
 # ------------------------------------------------------------------------------------------------ numeric flag ranges
 def _at_least(low):
     return (lambda v: v >= low), f"must be >= {low}"

@@ -1,7 +1,8 @@
 """Reasoning-SFT records: load and validate, turn into (prompt, response) pairs, drop over-long ones, batch.
 
 A record is a JSON object with a problem (`problem` or `question`), a response (`reasoning_trace` or `response`)
-and a gold answer (`expected_answer`, `answer` or `ground_truth`). Files are JSON Lines or a JSON array.
+and a gold answer (`expected_answer`, `answer` or `ground_truth`). Sources are JSON Lines or JSON array files,
+Parquet files, or hub datasets (`utils.data_sources`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from utils.helper_fns import load_records
+from utils.data_sources import load_records
 from utils.post_train import tokenize_prompt_and_output
 
 KEY_ALIASES = {
@@ -35,15 +36,18 @@ def checked_problem_and_answer(location: str, problem, answer):
     return answer
 
 
-def load_reason_records(path: str | Path, require_response: bool = True) -> list[dict]:
-    """Load records with canonical keys `problem`, `expected_answer` and (when required) `response`.
+def load_reason_records(path: str | Path, require_response: bool = True, split: str = "train",
+                        config: str | None = None) -> list[dict]:
+    """Load records with canonical keys `problem`, `expected_answer` and (when required) `response` from a file or
+    a hub dataset's `split` (and `config`), see `utils.data_sources.load_records`.
 
     Raises:
-        ValueError: naming `file:line` (or `file[index]`) and the missing key, for the first bad record.
+        ValueError: naming `file:line` (or `file[index]`, or the hub split and row) and the missing key, for the first
+            bad record.
     """
     needed = ["problem", "expected_answer"] + (["response"] if require_response else [])
     out = []
-    for loc, rec in load_records(path):
+    for loc, rec in load_records(path, split, config):
         row = {"source": loc}
         for key in KEY_ALIASES:
             alias = next((a for a in KEY_ALIASES[key] if a in rec), None)

@@ -122,8 +122,17 @@ def policy_state_dict(policy) -> dict[str, torch.Tensor]:
     - `_orig_mod.` (torch.compile) is removed wherever it appears: whole-model and per-block compilation both add it;
     - `lm_head.weight` is present even with tied embeddings: `state_dict()` keeps both names of a tied tensor, and it
       is added from the input embedding when a wrapper dropped it. A `save_pretrained` folder lacks it, and vLLM then
-      silently keeps its old head (measured on vLLM 0.32).
+      silently keeps its old head (measured on vLLM 0.32);
+    - a LoRA (PEFT) policy gives its merged weights W + s B A in the base model's names (`utils.lora`), the adapter
+      itself untouched.
     """
+    from utils.lora import is_peft_model, merged_state_dict
+
+    if is_peft_model(policy):
+        out = merged_state_dict(policy)
+        if "lm_head.weight" not in out and getattr(_unwrap_compiled(policy).config, "tie_word_embeddings", False):
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        return out
     out = {}
     for name, tensor in _unwrap_compiled(policy).state_dict().items():
         out[name.replace("_orig_mod.", "")] = tensor.detach()

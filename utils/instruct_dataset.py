@@ -27,11 +27,12 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from utils.helper_fns import load_prompt, load_records
+from utils.data_sources import is_hub_id, load_records
+from utils.helper_fns import load_prompt
 from utils.packing import row_positions_and_documents
 
 IGNORE_INDEX = -100  # label value that the loss skips (the value torch's cross_entropy ignores by default)
-CACHE_VERSION = 1  # bump when the cached payload or its meaning changes
+CACHE_VERSION = 2  # bump when the cached payload or its meaning changes
 TOKENIZE_CHUNK = 2048  # records per batched tokenizer call: large enough for Rust parallelism, small for memory
 # Texts whose encodings identify a tokenizer beyond its name (a converted tokenizer has an empty name_or_path).
 _PROBE_TEXTS = [
@@ -74,62 +75,101 @@ def tokenizer_fingerprint(tokenizer) -> dict:
 
 
 def _tokenize_documents(tokenizer, records: list[tuple[str, dict]], template: str) -> dict[str, torch.Tensor]:
-    """Tokenize every record's document and find its prompt/response token boundary.
+    """Tokenize every record's document and find which of its tokens are prompt (never trained with `mask_prompt`).
+
+    A `{prompt, response}` record is the template filled in; its prompt is the template up to the response. A chat
+    record (`messages`) is rendered by `utils.chat_format.render_chat`; its prompt is everything but the assistant
+    turns. Every document ends in EOS, which is trained unless a chat record ends on a non-assistant turn.
 
     Returns:
         `tokens` int32 (N,) all documents back to back, each ending in EOS; `offsets` int64 (D+1,) document d is
-        tokens[offsets[d]:offsets[d+1]]; `prompt_lengths` int32 (D,) leading tokens of each document that belong to
-        the prompt; `boundary_merged` bool (D,) True where BPE merged across the prompt/response cut, so the prompt's
-        own tokens are not a prefix of the document's and only the common prefix counts as prompt.
+        tokens[offsets[d]:offsets[d+1]]; `prompt_mask` bool (N,) True on prompt tokens; `prompt_lengths` int32 (D,)
+        leading prompt tokens of each document; `boundary_merged` bool (D,) True where BPE merged across a
+        prompt/response cut, so the prompt's own tokens are not a prefix of the document's and only the common
+        prefix counts as prompt.
     """
     from tqdm import tqdm
 
+    from utils.chat_format import render_chat
+
     eos = tokenizer.eos_token_id
-    token_chunks, lengths, prompt_lengths, merged = [], [], [], []
+    token_chunks, mask_chunks, lengths, prompt_lengths, merged = [], [], [], [], []
     starts = range(0, len(records), TOKENIZE_CHUNK)
     for start in tqdm(starts, desc="tokenizing documents", unit="chunk", disable=len(starts) < 4):
         docs, prompt_parts = [], []
-        for _, rec in records[start : start + TOKENIZE_CHUNK]:
+        chunk = records[start : start + TOKENIZE_CHUNK]
+        chats = {j: render_chat(tokenizer, rec["messages"], template) for j, (_, rec) in enumerate(chunk)
+                 if "messages" in rec}  # fmt: skip
+        for _, rec in chunk:
+            if "messages" in rec:
+                continue
             doc, prompt_part = fill_template(template, rec["prompt"], rec["response"])
             docs.append(doc)
             prompt_parts.append(prompt_part)
-        doc_ids = tokenizer(docs, verbose=False)["input_ids"]
-        prompt_ids = tokenizer(prompt_parts, verbose=False)["input_ids"]
+        doc_ids = tokenizer(docs, verbose=False)["input_ids"] if docs else []
+        prompt_ids = tokenizer(prompt_parts, verbose=False)["input_ids"] if docs else []
+        plain = iter(zip(doc_ids, prompt_ids))
         flat: list[int] = []
-        for d, p in zip(doc_ids, prompt_ids):
-            if d[: len(p)] == p:
-                n_prompt, was_merged = len(p), False
+        flat_mask: list[bool] = []
+        for j in range(len(chunk)):
+            if j in chats:
+                d, assistant, was_merged = chats[j]
+                in_prompt = [not a for a in assistant] + [not assistant[-1]]  # EOS trained after an assistant turn
+                n_prompt = next((k for k, x in enumerate(in_prompt) if not x), len(in_prompt))
             else:
-                n_prompt = 0
-                while n_prompt < min(len(p), len(d)) and d[n_prompt] == p[n_prompt]:
-                    n_prompt += 1
-                was_merged = True
+                d, p = next(plain)
+                if d[: len(p)] == p:
+                    n_prompt, was_merged = len(p), False
+                else:
+                    n_prompt = 0
+                    while n_prompt < min(len(p), len(d)) and d[n_prompt] == p[n_prompt]:
+                        n_prompt += 1
+                    was_merged = True
+                in_prompt = [True] * n_prompt + [False] * (len(d) + 1 - n_prompt)
             flat.extend(d)
             flat.append(eos)
+            flat_mask.extend(in_prompt)
             lengths.append(len(d) + 1)
             prompt_lengths.append(n_prompt)
             merged.append(was_merged)
         token_chunks.append(torch.tensor(flat, dtype=torch.int32))
+        mask_chunks.append(torch.tensor(flat_mask, dtype=torch.bool))
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
     offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
     return {
         "tokens": torch.cat(token_chunks),
+        "prompt_mask": torch.cat(mask_chunks),
         "offsets": offsets,
         "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.int32),
+        "chat_documents": sum(1 for _, rec in records if "messages" in rec),
         "boundary_merged": torch.tensor(merged, dtype=torch.bool),
     }
 
 
-def validated_records(path: Path) -> list[tuple[str, dict]]:
-    """`(location, record)` pairs of an instruction file, each with string `prompt` and `response` (ValueError naming
-    `file:line` otherwise)."""
-    records = load_records(path)  # raises ValueError with file:line on malformed JSON / non-object lines
+def _records_sha256(records: list[tuple[str, dict]]) -> str:
+    """A content hash of loaded records (hub datasets have no single file to hash)."""
+    h = hashlib.sha256()
+    for _, rec in records:
+        h.update(json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def validated_records(records: list[tuple[str, dict]], source: str) -> list[tuple[str, dict]]:
+    """The `(location, record)` pairs of `source` checked: each a chat record (`messages`, see
+    `utils.chat_format`) or one with string `prompt` and `response` (ValueError naming its location otherwise)."""
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{source}: no records")
+    from utils.chat_format import validate_messages
+
     for loc, rec in records:
+        if "messages" in rec:
+            validate_messages(loc, rec["messages"])
+            continue
         for key in ("prompt", "response"):
             if key not in rec:
-                raise ValueError(f"{loc}: record has no {key!r} field (keys: {sorted(rec)})")
+                raise ValueError(f"{loc}: record has no {key!r} field (keys: {sorted(rec)}; or a chat record: "
+                                 f"'messages')")
             if not isinstance(rec[key], str):
                 raise ValueError(f"{loc}: {key!r} must be a string, got {type(rec[key]).__name__}")
     return records
@@ -155,11 +195,14 @@ class PackedSFTDataset(Dataset):
     Attributes (counts, for the run log): `documents`, `tokens` (N), `rows` (= len), `rows_dropped_all_masked`,
     `boundary_merges` (documents whose prompt tokens are not a token prefix of the document; counted whatever
     `mask_prompt` is, they only matter with it), `tail_tokens_dropped`, `loss_tokens` (labels != -100 over kept rows),
-    `cache_hit`, `cache_path`.
+    `cache_hit`, `cache_path`, `chat_documents` (records given as `messages`).
 
     Args:
         tokenizer: a transformers tokenizer with `eos_token_id` (fast tokenizers make the ~200k-record build fast).
-        dataset_path: JSON Lines (or JSON array) of `{"prompt": str, "response": str}`, optionally .gz.
+        dataset_path: JSON Lines (or JSON array) of `{"prompt": str, "response": str}`, optionally .gz; or a
+            Parquet file or hub dataset id of the same records (`utils.data_sources`). A record may instead be a
+            conversation `{"messages": [{"role", "content"}, ...]}` (`utils.chat_format`): with `mask_prompt`, only
+            its assistant turns are trained.
         seq_length: tokens per row L (>= 1).
         shuffle: shuffle documents (seeded by `seed`) before concatenation.
         mask_prompt: set prompt-token labels to -100 and drop rows whose labels are all -100.
@@ -167,6 +210,7 @@ class PackedSFTDataset(Dataset):
         template: template text with `{instruction}` and `{response}`; None = data/alpaca_sft.prompt byte-exact.
         cache_dir: folder for the tokenization cache; None = `.cache/` next to the data file.
         use_cache: False = neither read nor write the cache.
+        split, config: the split and configuration of a hub dataset (unused for local files).
 
     Raises:
         ValueError: a record that is not a JSON object or lacks a string "prompt"/"response" (naming file:line); an
@@ -184,6 +228,8 @@ class PackedSFTDataset(Dataset):
         template: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
+        split: str = "train",
+        config: str | None = None,
     ):
         if seq_length < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
@@ -195,34 +241,49 @@ class PackedSFTDataset(Dataset):
         if "{instruction}" not in template:
             raise ValueError("template has no {instruction} placeholder: every document would lack its prompt")
         path = Path(dataset_path)
-        if not path.exists():
+        self.hub = is_hub_id(dataset_path)
+        if not self.hub and not path.exists():
             raise FileNotFoundError(f"{path}: no such file")
         self.dataset_path, self.seq_length, self.mask_prompt = path, seq_length, mask_prompt
         self.shuffle, self.seed = shuffle, seed
+        self.source = f"{dataset_path}[{config + '/' if config else ''}{split}]" if self.hub else path.name
 
-        docs = self._load_or_tokenize(tokenizer, path, template, cache_dir, use_cache)
+        self.chat_template = bool(getattr(tokenizer, "chat_template", None))
+        docs = self._load_or_tokenize(tokenizer, path, template, cache_dir, use_cache, split, config)
         self._build_stream(docs)
 
     # -- tokenization and cache -------------------------------------------------------------------------------------
 
-    def _load_or_tokenize(self, tokenizer, path: Path, template: str, cache_dir, use_cache: bool) -> dict:
+    def _load_or_tokenize(self, tokenizer, path: Path, template: str, cache_dir, use_cache: bool, split: str,
+                          config: str | None) -> dict:
+        records = None
+        if self.hub:  # no file to hash: load the records (the `datasets` cache makes this cheap) and hash them
+            records = load_records(str(path), split, config)
+            content = _records_sha256(records)
+        else:
+            content = _file_sha256(path)
         key_fields = {
             "version": CACHE_VERSION,
-            "file_sha256": _file_sha256(path),
+            "file_sha256": content,
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "chat_template_sha256": hashlib.sha256(str(getattr(tokenizer, "chat_template", None)).encode()).hexdigest(),
         }
         key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
         self.cache_key, self.cache_hit, self.cache_path = key, False, None
         if use_cache:
-            folder = Path(cache_dir) if cache_dir is not None else path.parent / ".cache"
-            self.cache_path = folder / f"{path.name}.{key[:20]}.pt"
+            local = path.parent / ".cache"
+            folder = Path(cache_dir) if cache_dir is not None else (Path(".cache") if self.hub else local)
+            name = f"{path.name}.{config or 'default'}.{split}" if self.hub else path.name
+            self.cache_path = folder / f"{name}.{key[:20]}.pt"
             if self.cache_path.exists():
                 payload = torch.load(self.cache_path, weights_only=True)
                 if payload.get("key") == key:
                     self.cache_hit = True
                     return payload
-        docs = _tokenize_documents(tokenizer, validated_records(path), template)
+        # local files: raises ValueError with file:line on malformed JSON / non-object lines
+        records = records if records is not None else load_records(path, split, config)
+        docs = _tokenize_documents(tokenizer, validated_records(records, self.source), template)
         if use_cache:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_path.with_name(self.cache_path.name + f".tmp{os.getpid()}")
@@ -246,6 +307,7 @@ class PackedSFTDataset(Dataset):
         N, L = len(stream), self.seq_length
         self.documents, self.tokens = D, N
         self.boundary_merges = int(docs["boundary_merged"].sum())
+        self.chat_documents = int(docs["chat_documents"])
         n_full = (N - 1) // L
         if n_full == 0:
             raise ValueError(f"{self.dataset_path}: {N} tokens are too few for one row of seq_length {L} (+1 label)")
@@ -256,12 +318,9 @@ class PackedSFTDataset(Dataset):
         self.rows_dropped_all_masked = 0
         self._row_index = torch.arange(n_full)
         if self.mask_prompt:
-            # +1 at each document start, -1 where its prompt ends: the running sum is 1 exactly on prompt tokens.
-            prompt_lengths = docs["prompt_lengths"][order].long()
-            delta = torch.zeros(N + 1, dtype=torch.int32)
-            delta.index_add_(0, self._doc_starts, torch.ones(D, dtype=torch.int32))
-            delta.index_add_(0, self._doc_starts + prompt_lengths, -torch.ones(D, dtype=torch.int32))
-            in_prompt = delta[:N].cumsum(0, dtype=torch.int32) > 0
+            # each document's own prompt mask, in the shuffled document order (chat records: all but assistant turns)
+            mask = docs["prompt_mask"]
+            in_prompt = torch.cat([mask[off[d] : off[d + 1]] for d in order.tolist()])
             self._label_stream = stream.masked_fill(in_prompt, IGNORE_INDEX)
             row_labels = self._label_stream[1 : 1 + n_full * L].view(n_full, L)
             all_masked = (row_labels == IGNORE_INDEX).all(dim=1)
@@ -298,8 +357,12 @@ class PackedSFTDataset(Dataset):
             else ""
         )
         source = f"cache hit {self.cache_path}" if self.cache_hit else f"tokenized (cache: {self.cache_path})"
+        if self.chat_documents:
+            masked += (f"; {self.chat_documents:,} chat records rendered with "
+                       + ("the tokenizer's chat template" if self.chat_template else
+                          "the Alpaca template, one block per exchange (the tokenizer has no chat template)"))
         return (
-            f"{self.dataset_path.name}: {self.documents:,} documents, {self.tokens:,} tokens -> {self.rows:,} rows x "
+            f"{self.source}: {self.documents:,} documents, {self.tokens:,} tokens -> {self.rows:,} rows x "
             f"{self.seq_length} (tail {self.tail_tokens_dropped} tokens dropped{masked}; "
             f"{self.loss_tokens:,} loss tokens); {source}"
         )

@@ -15,6 +15,12 @@ Terms, per GPU (FSDP shards the static ones over the ranks):
 - loss head: the logits and their log-softmax, (tokens or --chunk-size) x vocab in fp32 plus the bf16 logits;
 - vLLM: the colocated engine's share, `gpu_memory_utilization` x device memory, while it is awake;
 - CUDA context and allocator slack: a fixed 1.5 GiB.
+
+With LoRA (`lora_r` > 0, adapters on all seven projections of every layer, `utils.lora`) the base is frozen: its
+weights stay (and autocast's bf16 copies of them), but it has no gradients and no optimizer state; the adapters,
+r x (in + out) parameters per adapted matrix, are kept in fp32 (PEFT upcasts them even over a bf16 base) with fp32
+gradients and AdamW moments. Activations are unchanged: backward still runs through every frozen layer to reach the
+adapters below it. LoRA runs on one process (the trainers refuse it under torchrun).
 """
 
 from __future__ import annotations
@@ -72,6 +78,10 @@ class ModelShape:
         h, i = self.hidden, self.intermediate
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
+    def lora_parameters(self, r: int) -> int:
+        """Adapter parameters of rank `r` on every linear map of every layer: r x (in + out) each (A and B)."""
+        return self.layers * sum(r * (a + b) for a, b in self.layer_matrices())
+
     def parameters(self) -> int:
         """All parameters, a tied lm head counted once (as `sum(p.numel() for p in model.parameters())`)."""
         per_layer = sum(a * b for a, b in self.layer_matrices()) + 2 * self.hidden  # + two RMSNorm weights
@@ -93,6 +103,7 @@ class TrainSetup:
     chunk_size: int = 0  # lm-head chunk (0 = the whole micro-batch's logits at once)
     vllm_share: float = 0.0  # fraction of device memory a colocated vLLM engine takes while awake
     vllm_sleeps: bool = False  # the engine sleeps (frees its memory) during training steps
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning): frozen base, fp32 adapters on every projection
 
 
 @dataclasses.dataclass
@@ -120,15 +131,25 @@ def plan_memory(shape: ModelShape, setup: TrainSetup, device_bytes: int) -> Memo
     """Estimate per-GPU bytes of one training step and of an in-loop evaluation (see the module docstring)."""
     if setup.precision not in ("mixed", "bf16", "fp32"):
         raise ValueError(f"precision {setup.precision!r}: expected mixed, bf16 or fp32")
+    if setup.lora_r > 0 and setup.world_size > 1:
+        raise ValueError("LoRA runs on one process (the trainers refuse --lora-r under torchrun)")
     weight_bytes = 2 if setup.precision == "bf16" else 4
     act_bytes = 4 if setup.precision == "fp32" else 2
     shard = max(1, setup.world_size)
     params = shape.parameters()
-    terms = {
-        "weights": params * weight_bytes // shard,
-        "gradients": params * weight_bytes // shard,
-        "optimizer (AdamW moments)": 2 * params * weight_bytes // shard,
-    }
+    if setup.lora_r > 0:
+        adapters = shape.lora_parameters(setup.lora_r)
+        terms = {
+            "weights": params * weight_bytes + adapters * 4,  # frozen base + fp32 adapters
+            "gradients": adapters * 4,
+            "optimizer (AdamW moments)": 2 * adapters * 4,
+        }
+    else:
+        terms = {
+            "weights": params * weight_bytes // shard,
+            "gradients": params * weight_bytes // shard,
+            "optimizer (AdamW moments)": 2 * params * weight_bytes // shard,
+        }
     if setup.precision == "mixed":  # autocast keeps a bf16 copy of each weight from its first use until backward
         terms["bf16 weight copies (autocast)"] = params * 2 // shard
     tokens = setup.micro_batch_size * setup.seq_len
@@ -159,6 +180,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"{setup.precision}, {setup.world_size} GPU(s){' with FSDP' if setup.world_size > 1 else ''}, micro-batch "
         f"{setup.micro_batch_size} x {setup.seq_len} tokens"
         + (", gradient checkpointing" if setup.gradient_checkpointing else "")
+        + (f", LoRA r {setup.lora_r} ({s.lora_parameters(setup.lora_r) / 1e6:.1f}M trainable)" if setup.lora_r else "")
     ]
     width = max(len(k) for k in plan.terms)
     for name, b in plan.terms.items():
@@ -176,7 +198,7 @@ def options_that_fit(shape: ModelShape, setup: TrainSetup, device_bytes: int) ->
     """Single changes of the setup (flags a user can pass) under which the plan fits, cheapest first."""
     candidates: list[tuple[str, TrainSetup]] = []
     for world in (2, 4, 8):
-        if world > setup.world_size:
+        if world > setup.world_size and setup.lora_r == 0:
             candidates.append((f"torchrun with {world} GPUs (FSDP)", dataclasses.replace(setup, world_size=world)))
     if setup.precision != "bf16":
         candidates.append(("--precision bf16 (the published runs' pure bf16)",
@@ -190,6 +212,8 @@ def options_that_fit(shape: ModelShape, setup: TrainSetup, device_bytes: int) ->
                            dataclasses.replace(setup, micro_batch_size=1)))  # fmt: skip
     if setup.vllm_share and not setup.vllm_sleeps:
         candidates.append(("--vllm-sleep", dataclasses.replace(setup, vllm_sleeps=True)))
+    if setup.lora_r == 0 and setup.world_size == 1:
+        candidates.append(("--lora-r 16 (frozen base, adapters only)", dataclasses.replace(setup, lora_r=16)))
     fitting = [(plan_memory(shape, s, device_bytes).peak_bytes, label) for label, s in candidates
                if plan_memory(shape, s, device_bytes).fits]  # fmt: skip
     return [label for _, label in sorted(fitting, key=lambda x: x[0], reverse=True)]

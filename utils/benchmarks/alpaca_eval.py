@@ -28,7 +28,7 @@ from pathlib import Path
 
 from utils.benchmarks.base import check_protocol, mean, one_sample_each, select_examples
 from utils.benchmarks.judges import Judge, JudgedBenchmark, judge_pairwise, judged_output
-from utils.helper_fns import load_prompt, load_records, write_json
+from utils.helper_fns import load_prompt, write_json
 from utils.inference import Completion
 
 ZERO_SHOT_FRAME = "zero_shot_system_prompt"
@@ -165,7 +165,7 @@ class AlpacaEvalBenchmark(JudgedBenchmark):
                 Turbo baseline.
         """
         examples = []
-        for i, (location, rec) in enumerate(load_records(path)):
+        for i, (location, rec) in enumerate(self.read_records(path)):
             missing = [k for k in REQUIRED_KEYS if not isinstance(rec.get(k), str)]
             if missing:
                 raise ValueError(f"{location}: missing or non-string {missing}; the record has keys {sorted(rec)}")

@@ -47,6 +47,16 @@ class Benchmark:
     protocol: str | None = None  # "reference" | "improved" for the instruction benchmarks; None = only one way to score
     reference_settings: dict = {}  # the published protocol's own settings (added to REFERENCE_COMMON_SETTINGS)
     scorers: dict = {}  # protocol -> one line saying how that protocol scores a response (recorded in summaries)
+    # where JSON-record benchmarks read a hub dataset id from (`read_records`; the scripts' --data-split/--data-config)
+    data_split: str = "test"
+    data_config: str | None = None
+
+    def read_records(self, source: str | os.PathLike) -> list[tuple[str, dict]]:
+        """`(location, record)` pairs of a local JSON / JSONL / Parquet file, or of this benchmark's `data_split`
+        (and `data_config`) of a hub dataset (`utils.data_sources.load_records`)."""
+        from utils.data_sources import load_records
+
+        return load_records(source, self.data_split, self.data_config)
 
     def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
         """Read and validate the data file; the first `max_examples` examples (-1 = all), each with "index"."""
@@ -203,11 +213,16 @@ def generation_settings(benchmark: Benchmark, model_name: str, data_path: str | 
                         sampling: SamplingConfig) -> dict:  # fmt: skip
     """What the records of an output folder depend on; stored as generation.json and compared on resume. A benchmark
     with a `protocol` adds it: a record's headline fields are scored under one protocol. A local model adds its
-    identity (`model_identity`), so records of two checkpoints behind one path never mix."""
+    identity (`model_identity`), so records of two checkpoints behind one path never mix; a hub dataset adds its
+    split and config."""
     settings = {"benchmark": benchmark.name, "model": model_name, "data_path": str(data_path),
                 "sampling": asdict(sampling), **model_identity(model_name)}  # fmt: skip
     if benchmark.protocol is not None:
         settings["protocol"] = benchmark.protocol
+    from utils.data_sources import is_hub_id
+
+    if is_hub_id(data_path):  # one id, several splits: the split and config are part of what was evaluated
+        settings.update(data_split=benchmark.data_split, data_config=benchmark.data_config)
     return settings
 
 

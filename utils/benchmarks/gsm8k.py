@@ -17,7 +17,7 @@ import re
 from decimal import Decimal, InvalidOperation
 
 from utils.benchmarks.base import Benchmark, check_protocol, mean, one_sample_each, scorer_metrics, select_examples
-from utils.helper_fns import load_prompt, load_records
+from utils.helper_fns import load_prompt
 from utils.inference import Completion
 
 GSM8K_PROMPT = "gsm8k_question"  # data/gsm8k_question.prompt: "{question}\nAnswer:" (no trailing newline)
@@ -135,7 +135,7 @@ class GSM8KBenchmark(Benchmark):
             `[{"index", "question", "gold", "gold_reference"}]`, the first `max_examples` (-1 = all).
         """
         examples = []
-        for i, (location, rec) in enumerate(load_records(path)):
+        for i, (location, rec) in enumerate(self.read_records(path)):
             question, answer = rec.get("question"), rec.get("answer")
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"{location}: 'question' must be a non-empty string; the record has keys "

@@ -12,8 +12,9 @@ import os
 from collections import Counter
 
 from utils.benchmarks.base import Benchmark, mean, response_stats, select_examples
+from utils.data_sources import load_records
 from utils.dataloader import checked_problem_and_answer
-from utils.helper_fns import load_prompt, load_records
+from utils.helper_fns import load_prompt
 from utils.inference import Completion
 
 R1_ZERO_PROMPT = "r1_zero"  # data/r1_zero.prompt; ends with "Assistant: <think>" and no newline
@@ -31,9 +32,11 @@ def _first_key(record: dict, keys: tuple[str, ...], location: str) -> object:
     raise ValueError(f"{location}: missing key {alternatives}; the record has keys {sorted(record)}")
 
 
-def load_math_examples(path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
+def load_math_examples(path: str | os.PathLike, max_examples: int = -1, split: str = "test",
+                       config: str | None = None) -> list[dict]:
     """Read MATH problems from JSON Lines or a JSON array (the published MATH files are arrays despite `.jsonl`).
 
+    `path` may also be a Parquet file or a hub dataset id (its `split` and `config`; `utils.data_sources`).
     Key aliases: problem = `problem` | `question`; answer = `expected_answer` | `answer` | `ground_truth` (a string,
     a number, or a list of acceptable answers). Every record is checked, so a bad one fails before any generation.
 
@@ -45,7 +48,7 @@ def load_math_examples(path: str | os.PathLike, max_examples: int = -1) -> list[
         ValueError: naming the file and line (JSONL) or index (array) and the missing key or bad value.
     """
     examples = []
-    for i, (location, rec) in enumerate(load_records(path)):
+    for i, (location, rec) in enumerate(load_records(path, split, config)):
         problem = _first_key(rec, PROBLEM_KEYS, location)
         answer = _first_key(rec, ANSWER_KEYS, location)
         answer = checked_problem_and_answer(location, problem, answer)
@@ -94,7 +97,7 @@ class MathBenchmark(Benchmark):
         self.grader_timeout_s = grader_timeout_s
 
     def load_examples(self, path: str | os.PathLike, max_examples: int = -1) -> list[dict]:
-        return load_math_examples(path, max_examples)
+        return load_math_examples(path, max_examples, self.data_split, self.data_config)
 
     def build_prompt(self, example: dict) -> str:
         # str.replace, not str.format: a template may hold literal braces (e.g. \\boxed{}); same as training's prompts
