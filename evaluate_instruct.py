@@ -30,9 +30,10 @@ override every selected config. Results go to <output-dir>/<benchmark>/: config.
 generating), records.jsonl (one record per example, appended as chunks finish), generation.json, summary.json
 (`protocol`, `settings` that decide the scores, `metrics` with the numbers) and, for judged benchmarks,
 judgments.jsonl, judge_cache.jsonl and for AlpacaEval model_outputs.json (plus the package's files under the
-reference protocol). Rerunning the same command continues an interrupted run; judged benchmarks generate first and
-are judged afterwards, so an unreachable judge fails (naming its URL) only once the outputs are saved, and the rerun
-only judges. One output folder holds one protocol's run: use another --output-dir for the other protocol.
+reference protocol). Without --output-dir the folder is <run>/eval/<checkpoint> for a checkpoint folder, else
+results/eval_instruct_<model>. Rerunning the same command continues an interrupted run; judged benchmarks generate
+first and are judged afterwards, so an unreachable judge fails (naming its URL) only once the outputs are saved, and
+the rerun only judges. One output folder holds one protocol's run: use another --output-dir for the other protocol.
 """
 
 from __future__ import annotations
@@ -74,43 +75,65 @@ def _build_parser(suppress: bool) -> argparse.ArgumentParser:
     """The flags; with `suppress`, no defaults, so parsing returns only the flags actually given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", help="YAML file(s) in data/eval_configs/, one per benchmark")
-    p.add_argument("--all", action="store_true", help=f"run {', '.join(ALL_CONFIGS)}")
+    p.add_argument("--all", action="store_true",
+                   help=f"run data/eval_configs/{{{','.join(Path(c).stem for c in ALL_CONFIGS)}}}.yaml")
     p.add_argument("--model", required=True, help="HF hub id or local model / checkpoint folder")
-    p.add_argument("--protocol", choices=["reference", "improved"], default="reference", help="reference = the published table's (default: comparable to it); improved = this repo's (see above)")
+    p.add_argument("--protocol", choices=["reference", "improved"], default="reference",
+                   help="reference = the published table's; improved = this repo's (both described above)")
     g = p.add_argument_group("data and prompts")
-    g.add_argument("--data", help="the benchmark's data file (MMLU: folder of <subject>_test.csv); default: the config's")
-    g.add_argument("--sample-data", dest="use_sample_data", action="store_true", help="use the config's bundled `sample_data` file instead of `data` (smoke runs)")
+    g.add_argument("--data",
+                   help="the benchmark's data file (MMLU: folder of <subject>_test.csv); default: the config's")
+    g.add_argument("--sample-data", dest="use_sample_data", action="store_true",
+                   help="use the config's bundled `sample_data` file instead of `data` (smoke runs)")
     add_data_source_flags(g, {"--data-split": ("test", "split of a hub dataset --data (gsm8k, alpaca_eval)")})
     g.add_argument("--max-examples", type=int, default=-1, help="first N examples (-1 = all)")
-    g.add_argument("--prompt-format", choices=list(PROMPT_FORMATS), default="zero_shot", help="zero_shot = the reference frame (base models); alpaca = the SFT training template")
-    g.add_argument("--frame-prompt", default=None, help="frame file with an {instruction} slot (None = the prompt format's)")
-    g.add_argument("--task-prompt", default=None, help="task text file (GSM8K {question}; MMLU {subject} {question} {options[i]}); None = the benchmark's")
-    g.add_argument("--judge-prompt", default=None, help="SST judge system prompt file (None = data/sst_judge_system.prompt)")
+    g.add_argument("--prompt-format", choices=list(PROMPT_FORMATS), default="zero_shot",
+                   help="zero_shot = the reference frame (base models); alpaca = the SFT training template")
+    g.add_argument("--frame-prompt", default=None,
+                   help="frame file with an {instruction} slot (None = the prompt format's)")
+    g.add_argument("--task-prompt", default=None,
+                   help="task text file (GSM8K {question}; MMLU {subject} {question} {options[i]}); "
+                        "None = the benchmark's")
+    g.add_argument("--judge-prompt", default=None,
+                   help="SST judge system prompt file (None = data/sst_judge_system.prompt)")
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     g.add_argument("--max-tokens", type=int, default=512, help="max generated tokens per response")
     g.add_argument("--stop", nargs="+", default=None, help="stop strings (default: the prompt format's)")
-    g.add_argument("--include-stop-str", action=argparse.BooleanOptionalAction, default=False, help="keep the matched stop string in the response")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed, per example (matters only with --temperature > 0)")
+    g.add_argument("--include-stop-str", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the matched stop string in the response")
+    g.add_argument("--seed", type=int, default=0,
+                   help="sampling seed, per example (matters only with --temperature > 0)")
     g = p.add_argument_group("engine")
     add_engine_flags(g)
     g = p.add_argument_group("judge (SST, AlpacaEval): any OpenAI-compatible chat endpoint")
     g.add_argument("--judge-base-url", default="http://127.0.0.1:8000/v1", help="endpoint root with /v1")
     g.add_argument("--judge-model", default="meta-llama/Llama-3.3-70B-Instruct", help="model name the endpoint serves")
-    g.add_argument("--judge-api-key-env", default="", help="environment variable holding the API key ('' = none, local vLLM)")
+    g.add_argument("--judge-api-key-env", default="",
+                   help="environment variable holding the API key ('' = none, local vLLM)")
     g.add_argument("--judge-max-concurrency", type=int, default=16, help="judge requests in flight")
-    g.add_argument("--judge-max-retries", type=int, default=5, help="retries per request (connection errors, timeouts, 408/409/429/5xx)")
-    g.add_argument("--judge-backoff-s", type=float, default=1.0, help="first retry delay in seconds, doubling per retry")
-    g.add_argument("--judge-max-backoff-s", type=float, default=60.0, help="longest delay between two tries, in seconds")
+    g.add_argument("--judge-max-retries", type=int, default=5,
+                   help="retries per request (connection errors, timeouts, 408/409/429/5xx)")
+    g.add_argument("--judge-backoff-s", type=float, default=1.0,
+                   help="first retry delay in seconds, doubling per retry")
+    g.add_argument("--judge-max-backoff-s", type=float, default=60.0,
+                   help="longest delay between two tries, in seconds")
     g.add_argument("--judge-timeout-s", type=float, default=120.0, help="seconds one judge request may take")
-    g.add_argument("--judge-max-tokens", type=int, default=16, help="judge reply length limit (a verdict is one word)")
-    g.add_argument("--judge-extra-body", type=json.loads, default=None, help='JSON of extra request parameters, e.g. \'{"structured_outputs": {"choice": ["True", "False"]}}\'')
-    g.add_argument("--judge-cache", default="", help="judgment cache file ('' = <output-dir>/<benchmark>/judge_cache.jsonl)")
+    g.add_argument("--judge-max-tokens", type=int, default=16,
+                   help="judge reply length limit in tokens (a verdict is one word)")
+    g.add_argument("--judge-extra-body", type=json.loads, default=None,
+                   help="JSON of extra request parameters, "
+                        'e.g. \'{"structured_outputs": {"choice": ["True", "False"]}}\'')
+    g.add_argument("--judge-cache", default="",
+                   help="judgment cache file ('' = <output-dir>/<benchmark>/judge_cache.jsonl)")
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", default="", help="results go to <output-dir>/<benchmark>/ ('' = <run>/eval/<checkpoint> for a checkpoint folder, else results/eval_instruct_<model>)")
-    g.add_argument("--generator", default="", help="AlpacaEval generator name in model_outputs.json ('' = the model folder's name)")
-    g.add_argument("--chunk-size", type=int, default=512, help="examples per generate call; records are appended after each (-1 = one call)")
+    g.add_argument("--output-dir", default="",
+                   help="results go to <output-dir>/<benchmark>/ ('' = a folder named after --model, see above)")
+    g.add_argument("--generator", default="",
+                   help="AlpacaEval generator name in model_outputs.json ('' = the model folder's name)")
+    g.add_argument("--chunk-size", type=int, default=512,
+                   help="examples per generate call; records are appended after each (-1 = one call)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     if suppress:
         for action in p._actions:  # argparse has no public switch that drops every default, explicit ones included

@@ -112,7 +112,8 @@ def model_card(folder: Path, repo_id: str, repo_type: str, context: dict) -> str
                   f"{context['step']}.", ""]  # fmt: skip
     else:
         lines += ["A model folder uploaded without its run folder: no training settings or metrics are known.", ""]
-    if (folder / "tokenizer_config.json").exists() and "chat_template" in (folder / "tokenizer_config.json").read_text():
+    if ((folder / "tokenizer_config.json").exists()
+            and "chat_template" in (folder / "tokenizer_config.json").read_text()):
         lines += ["The prompt format the model was trained on is its tokenizer's `chat_template`.", ""]
     if context.get("data"):
         lines += ["## Data", "", "| role | file | bytes | sha256 |", "|---|---|---|---|"]

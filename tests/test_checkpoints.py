@@ -109,8 +109,8 @@ def test_truncated_weights_name_the_file_and_the_other_checkpoints(model_and_bat
     model, opt, first, second = _saved(model_and_batch, tmp_path / "ckpt")
     weights = second / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(SystemExit, match=r"step_000002/model.safetensors: unreadable weights .*damaged\. Other complete "
-                                         r"checkpoints in .*ckpt: step_000001"):
+    with pytest.raises(SystemExit, match=r"step_000002/model.safetensors: unreadable weights .*damaged\. "
+                                         r"Other complete checkpoints in .*ckpt: step_000001"):
         load_checkpoint(second, model, opt)
 
 

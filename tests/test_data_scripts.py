@@ -233,7 +233,8 @@ def test_rewrite_r1_zero(text, expected):
 def run_build(tmp_path: Path, *traces: Path, per_problem: str = "all") -> tuple[dict, list[dict], list[dict]]:
     full, filtered = tmp_path / f"full_{per_problem}.jsonl", tmp_path / f"filtered_{per_problem}.jsonl"
     stats = build.main(build.parse_args(["--traces", *map(str, traces), "--output-full", str(full),
-                                         "--output-filtered", str(filtered), "--per-problem", per_problem]))  # fmt: skip
+                                         "--output-filtered", str(filtered),
+                                         "--per-problem", per_problem]))  # fmt: skip
     return stats, read_jsonl(full), read_jsonl(filtered)
 
 
@@ -252,7 +253,8 @@ def test_build_keeps_equivalent_answers_and_counts_drops(tmp_path):
     half = by_key[("half", 0)]
     assert (half["extracted_answer"], half["expected_answer"]) == ("\\frac{1}{2}", "0.5")
     assert half["reasoning_trace"] == " Half of one is one divided by two. </think> <answer> \\frac{1}{2} </answer>"
-    assert by_key[("half", 1)]["reasoning_trace"] == " Divide 1 by 2. </think> <answer> \\boxed{\\dfrac{1}{2}} </answer>"
+    assert (by_key[("half", 1)]["reasoning_trace"]
+            == " Divide 1 by 2. </think> <answer> \\boxed{\\dfrac{1}{2}} </answer>")
     assert ("half", 2) not in by_key and {(r["problem_id"], r["sample_index"]) for r in full} >= set(by_key)
     assert next(r for r in full if r["sample_index"] == 2 and r["problem_id"] == "half")["correct"] is False
     assert any(r["extracted_answer"] == "\\frac34" and r["expected_answer"] == "0.75" for r in filtered)
@@ -361,7 +363,8 @@ def test_generate_openai_resumes_without_repeating_requests(teacher_url, tmp_pat
     ids = {traces.problem_id(p["problem"]) for p in read_jsonl(problems)}
     assert keys_of(out) == sorted((pid, j) for pid in ids for j in range(2))
     for r in records:
-        assert isinstance(r["text"], str) and r["finish_reason"] in ("stop", "length") and r["teacher"] == "tiny-teacher"
+        assert (isinstance(r["text"], str) and r["finish_reason"] in ("stop", "length")
+                and r["teacher"] == "tiny-teacher")
     cache = [json.loads(line) for line in (tmp_path / "traces.jsonl.cache.jsonl").read_text().splitlines()]
     assert sorted(c["request"]["seed"] for c in cache) == [0, 0, 0, 1, 1, 1]  # sample j asks with seed + j
     assert all(c["request"]["messages"][0]["content"].startswith("Solve the math problem below") for c in cache)

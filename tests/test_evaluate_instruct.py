@@ -57,7 +57,8 @@ def test_config_values_and_flag_overrides():
     [gsm] = parse_args(["--config", GSM8K, "--model", "m", "--max-tokens", "7", "--data", "x.jsonl",
                         "--prompt-format", "alpaca", "--stop", "END", "--protocol", "improved"]).runs  # fmt: skip
     assert (gsm.max_tokens, gsm.data, gsm.prompt_format, gsm.stop) == (7, "x.jsonl", "alpaca", ["END"])
-    runs = parse_args(["--all", "--model", "m", "--max-examples", "3", "--judge-model", "j", "--protocol", "improved"]).runs
+    runs = parse_args(["--all", "--model", "m", "--max-examples", "3", "--judge-model", "j",
+                       "--protocol", "improved"]).runs
     assert [r.benchmark for r in runs] == ["gsm8k", "mmlu", "sst", "alpaca_eval"]
     assert [r.max_tokens for r in runs] == [512, 256, 512, 1024]  # each config's own value ...
     assert {r.max_examples for r in runs} == {3} and {r.judge_model for r in runs} == {"j"}  # ... or the flag
@@ -183,7 +184,8 @@ def _check_consistent(out: Path, bench: str, n: int) -> dict:
 def test_tiny_model_end_to_end_on_the_samples(varied_qwen, tmp_path):
     out = tmp_path / "eval"
     summaries = run(["--config", GSM8K, MMLU, "--sample-data", "--model", str(varied_qwen), "--engine", "hf",
-                     "--max-tokens", "24", "--output-dir", str(out), "--no-progress", "--protocol", "improved"])  # fmt: skip
+                     "--max-tokens", "24", "--output-dir", str(out), "--no-progress",
+                     "--protocol", "improved"])  # fmt: skip
     gsm = _check_consistent(out, "gsm8k", 6)
     mmlu = _check_consistent(out, "mmlu", 8)
     assert gsm["engine"] == "hf" and gsm["throughput"]["examples_generated"] == 6

@@ -51,7 +51,8 @@ def test_jsonl_and_json_array_load_the_same_examples_with_key_aliases(tmp_path):
     [
         ([{"problem": "a", "answer": "1"}, {}, {"problem": "c"}], False, r"bad\.jsonl:2: missing key 'problem'"),
         ([{"problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"}, {"problem": "c"}], False,
-         r"bad\.jsonl:3: missing key 'expected_answer' \(or 'answer', 'ground_truth'\); the record has keys \['problem'\]"),
+         r"bad\.jsonl:3: missing key 'expected_answer' \(or 'answer', 'ground_truth'\); "
+         r"the record has keys \['problem'\]"),
         ([{"problem": "a", "answer": "1"}, {"question": "b"}], True, r"bad\.jsonl\[1\]: missing key 'expected_answer'"),
         ([{"problem": "", "answer": "1"}], False, r"bad\.jsonl:1: the problem must be a non-empty string"),
         ([{"problem": "a", "answer": None}], True, r"bad\.jsonl\[0\]: the answer must be a string"),
@@ -433,7 +434,8 @@ def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
 
 def test_math_prompt_template_may_contain_literal_braces():
     bench = MathBenchmark(prompt_template="Put the final answer in \\boxed{}. {question}\nAssistant: <think>")
-    assert bench.build_prompt({"problem": "What is {1+1}?"}) == "Put the final answer in \\boxed{}. What is {1+1}?\nAssistant: <think>"
+    assert (bench.build_prompt({"problem": "What is {1+1}?"})
+            == "Put the final answer in \\boxed{}. What is {1+1}?\nAssistant: <think>")
 
 
 def test_resume_refuses_records_of_another_checkpoint_behind_the_same_path(tmp_path, ten_problems):

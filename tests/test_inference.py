@@ -270,7 +270,8 @@ def test_vllm_and_hf_stop_strings_agree(pair):
     stops = [_stop_case(f[0], pair.hf.tokenizer)[0] for f in free]
     for include in (True, False):
         for stop in stops:
-            sampling = SamplingConfig(temperature=0.0, max_tokens=32, stop=[stop, "e "], include_stop_str_in_output=include)
+            sampling = SamplingConfig(temperature=0.0, max_tokens=32, stop=[stop, "e "],
+                                      include_stop_str_in_output=include)
             v = pair.vllm.generate(PROMPTS, sampling, use_tqdm=False)
             assert v == pair.hf.generate(PROMPTS, sampling, use_tqdm=False)
             assert any(x[0].finish_reason == "stop" for x in v)
@@ -281,7 +282,8 @@ def test_vllm_n_samples_and_top_p(pair):
     assert [len(x) for x in outs] == [3, 3]
     assert all(len({tuple(s.token_ids) for s in x}) == 3 for x in outs)
     greedy = pair.vllm.generate(PROMPTS[:2], SamplingConfig(temperature=0.0, max_tokens=12), use_tqdm=False)
-    nucleus = pair.vllm.generate(PROMPTS[:2], SamplingConfig(temperature=1.0, top_p=1e-6, max_tokens=12), use_tqdm=False)
+    nucleus = pair.vllm.generate(PROMPTS[:2], SamplingConfig(temperature=1.0, top_p=1e-6, max_tokens=12),
+                                 use_tqdm=False)
     assert _ids(nucleus) == _ids(greedy)
 
 

@@ -27,7 +27,8 @@ def test_rows_config_and_resume_truncation(tmp_path):
     resumed = MetricsLogger(tmp_path, {"lr": 1e-4}, resume=True)
     assert resumed.truncate_after(1) == 1
     resumed.log({"train/loss": 0.4}, step=2)
-    assert [(r["step"], r.get("train/loss")) for r in _rows(tmp_path / "metrics.jsonl")] == [(1, 0.5), (1, None), (2, 0.4)]
+    assert ([(r["step"], r.get("train/loss")) for r in _rows(tmp_path / "metrics.jsonl")]
+            == [(1, 0.5), (1, None), (2, 0.4)])
     # a fresh (non-resumed) logger refuses a folder that holds another run's rows, and leaves them as they were
     before = (tmp_path / "metrics.jsonl").read_bytes()
     with pytest.raises(FileExistsError, match="holds another run"):

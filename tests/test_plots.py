@@ -28,7 +28,8 @@ def load_script(name: str):
     return load_plot_script(f"play-scripts/plot-scripts/{name}.py")
 
 
-plot_reason, plot_instruct, make_readme = (load_script(n) for n in ("plot_reason", "plot_instruct", "make_results_readme"))
+plot_reason, plot_instruct, make_readme = (load_script(n)
+                                           for n in ("plot_reason", "plot_instruct", "make_results_readme"))
 
 
 # ---- fixture result folders
@@ -98,14 +99,15 @@ def write_instruct_run(root: Path, name: str, gain: float, nested: bool) -> Path
 def results(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("results")
     write_reason_run(root, "qwen-all", "data/sft-reason/sft_all.jsonl", -1, 4836, 38, 10, (0.4214, 0.9924), seed=0)
-    write_reason_run(root, "qwen-filtered", "data/sft-reason/sft_filtered.jsonl", -1, 3496, 38, 10, (0.5204, 0.9906), seed=1,
-                     final_dir=root / "eval_reason_step_000038_val_T1_n1")  # fmt: skip
+    write_reason_run(root, "qwen-filtered", "data/sft-reason/sft_filtered.jsonl", -1, 3496, 38, 10, (0.5204, 0.9906),
+                     seed=1, final_dir=root / "eval_reason_step_000038_val_T1_n1")  # fmt: skip
     # no full-val summary and no grad norm: the marker and the grad-norm line are skipped with a warning
     write_reason_run(root, "qwen-filtered-long", "data/sft-reason/sft_filtered.jsonl", -1, 3496, 56, 14, None, seed=2,
                      grad_norm=False)  # fmt: skip
     for kind, size in [(k, n) for k in ("all", "filtered") for n in (128, 256, 512, -1)]:
         full = 4836 if kind == "all" else 3496
-        final = (round(0.1 + 0.05 * (size if size > 0 else full).bit_length() + (0.04 if kind == "filtered" else 0), 4), 0.98)
+        final = (round(0.1 + 0.05 * (size if size > 0 else full).bit_length() + (0.04 if kind == "filtered" else 0), 4),
+                 0.98)
         run_dir = write_reason_run(root / "sweep", f"{kind}-{size}", f"data/sft-reason/sft_{kind}.jsonl", size,
                                    size if size > 0 else full, 4, 2, final, seed=3)  # fmt: skip
         metrics = read_json(run_dir / "eval_full" / "summary.json")["metrics"]  # a flat summary reads the same
@@ -136,13 +138,15 @@ def check_png(path: Path) -> None:
 # ---- helpers
 
 
-@pytest.mark.parametrize("name,step", [("base", None), ("200", 200), ("step_000200", 200), ("checkpoint-400", 400), ("final", -1)])
+@pytest.mark.parametrize("name,step", [("base", None), ("200", 200), ("step_000200", 200), ("checkpoint-400", 400),
+                                       ("final", -1)])
 def test_checkpoint_step(name, step):
     assert checkpoint_step(name) == step
 
 
 def test_series_keeps_last_value_of_a_repeated_step_and_skips_other_rows():
-    rows = [{"step": 0, "eval/a": 0.1}, {"step": 1, "train/loss": 2.0}, {"step": 2, "eval/a": 0.2}, {"step": 2, "eval/a": 0.3}]
+    rows = [{"step": 0, "eval/a": 0.1}, {"step": 1, "train/loss": 2.0}, {"step": 2, "eval/a": 0.2},
+            {"step": 2, "eval/a": 0.3}]
     assert series(rows, "eval/a") == ([0, 2], [0.1, 0.3])
     assert series(rows, "eval/missing") == ([], [])
 
@@ -164,7 +168,8 @@ def test_reason_figures_render_and_plot_the_logged_numbers(results, tmp_path, ca
     captured = capsys.readouterr()
     err = captured.err
     # a summary in evaluate_reason.py's default folder, next to the run, is found by the model path it names
-    assert f"filtered qwen-filtered: full-val score from {results / 'eval_reason_step_000038_val_T1_n1'}" in captured.out
+    assert (f"filtered qwen-filtered: full-val score from {results / 'eval_reason_step_000038_val_T1_n1'}"
+            in captured.out)
     assert "no-such-run" in err  # the missing run is named, and the rest still plots
     assert "filtered qwen-filtered-long: no train/grad_norm" in err
     assert "filtered qwen-filtered-long: no full-val summary.json" in err
@@ -239,16 +244,19 @@ def test_instruct_figures_render_and_plot_the_summaries(results, tmp_path, capsy
     runs = expand_runs([str(results / "llama-mask")], ["prompt masking"], "eval")
     checkpoints = plot_instruct.load_instruct_evals(runs[0])
     base = plot_instruct.pick_baseline(runs[0], checkpoints, "auto")
-    fig = plot_instruct.benchmarks_figure([(runs[0], checkpoints, base)], plot_instruct.run_colors(["prompt masking"]), "t")
+    fig = plot_instruct.benchmarks_figure([(runs[0], checkpoints, base)], plot_instruct.run_colors(["prompt masking"]),
+                                          "t")
     for ax, h in zip(fig.axes, INSTRUCT_HEADLINES):
         run_line = next(ln for ln in ax.lines if ln.get_label() == "prompt masking")
         assert list(run_line.get_xdata()) == [0, 200, 400]  # the run's own base eval is its step 0
-        expected = [instruct_summary(results / "llama-mask", c, h.benchmark)[h.key] for c in ("base", "step_000200", "step_000400")]
+        expected = [instruct_summary(results / "llama-mask", c, h.benchmark)[h.key]
+                    for c in ("base", "step_000200", "step_000400")]
         assert list(run_line.get_ydata()) == expected
 
 
 def test_nothing_matching_warns_and_writes_nothing(tmp_path, capsys):
-    written = plot_instruct.main(plot_instruct.parse_args(["--runs", str(tmp_path / "nope*"), "--output-dir", str(tmp_path)]))
+    written = plot_instruct.main(plot_instruct.parse_args(["--runs", str(tmp_path / "nope*"),
+                                                           "--output-dir", str(tmp_path)]))
     assert written == {} and "nope*" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--runs and/or --sweep-runs"):
         plot_reason.main(plot_reason.parse_args(["--output-dir", str(tmp_path)]))

@@ -3,8 +3,9 @@
 - `varlen` (default): a transformers attention function registered as "sft_varlen". Packed micro-batches carry
   `cu_seq_lens_q/k` (int32 document boundaries over the flattened B*T tokens) and `max_length_q/k`; each layer runs
   a flash-attention varlen kernel on CUDA in bf16/fp16 (flash-attn's when installed, else PyTorch's
-  `torch.nn.attention.varlen.varlen_attn`) or, elsewhere, causal SDPA once per document. Work and memory grow with sum(n_i^2), never T^2. Calls without boundaries (padded
-  batches, generation) run transformers' own SDPA path, so the same model serves every caller.
+  `torch.nn.attention.varlen.varlen_attn`) or, elsewhere, causal SDPA once per document. Work and memory grow with
+  sum(n_i^2), never T^2. Calls without boundaries (padded batches, generation) run transformers' own SDPA path, so
+  the same model serves every caller.
 - `sdpa`: a (B, 1, T, T) block-diagonal causal mask (`utils.packing.document_causal_mask`) to SDPA: the reference
   the others are tested against; the mask is O(T^2) and SDPA computes every masked-out block.
 - `flex`: transformers' FlexAttention, which builds a block mask from the restarting `position_ids` and skips empty

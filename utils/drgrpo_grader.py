@@ -9,8 +9,9 @@
      percent/pct, `\\$`, thousands commas (not `, `: that separates items), `and`/`or` between items, trailing `.0`,
      repeating decimals) and compared. Equations: see the table. Answers over MAX_ANSWER_CHARS match only an
      identical string.
-  2. Exact values (`utils/exact_math.py`): Fractions (floats once `\\sqrt` or `\\pi` appear) for numbers, `\\frac`,
-     `\\sqrt`, `\\pi`, powers, factorials and variables (at fixed rational points), in tuples, intervals, sets, lists.
+  2. Exact values (`utils/exact_math.py`; answer shapes in `utils/answer_shapes.py`): Fractions (floats once
+     `\\sqrt` or `\\pi` appear) for numbers, `\\frac`, `\\sqrt`, `\\pi`, powers, factorials and variables (at fixed
+     rational points), in tuples, intervals, sets, lists.
   3. Symbolic (`utils/grader_pool.py`): math-verify in both roles, decimals passed as exact fractions, after a
      guard that refuses inputs sympy could spend unbounded work on. Conventions taken from math-verify:
      `2\\frac{1}{3}` is a mixed number, `2^10` means 2^{10}, a trailing unit word is dropped (`5 apples` = 5).
@@ -51,7 +52,8 @@ import re
 from fractions import Fraction
 from typing import Callable
 
-from utils.exact_math import align_tuple, braced_list, compare_relations, compare_text, fast_compare, split_top
+from utils.answer_shapes import align_tuple, braced_list, compare_text, fast_compare, split_top
+from utils.exact_math import compare_relations
 from utils.grader_pool import (MAX_BRACE_DEPTH, MAX_SYMBOLIC_CHARS, brace_depth, refuse_symbolic, relations_equal,
                                run_batch, symbolic_equal)
 

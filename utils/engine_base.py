@@ -16,8 +16,8 @@ class SamplingConfig:
     """Sampling parameters shared by both backends (vLLM's names and meanings).
 
     temperature 0 is greedy. `stop` strings end a sample; `include_stop_str_in_output` keeps the matched stop string in
-    the text. `n` samples per prompt. `seed`: with the `request_keys` of `InferenceEngine.generate`, every sample gets its own
-    seed (`request_seed`), in both backends, so samples do not depend on batching or on what ran before; without
+    the text. `n` samples per prompt. `seed`: with the `request_keys` of `InferenceEngine.generate`, every sample gets
+    its own seed (`request_seed`), in both backends, so samples do not depend on batching or on what ran before; without
     keys, the HF backend draws this call's samples from one generator seeded with it and vLLM from its engine seed
     (one seed shared by every prompt would give them all the same random stream).
     """

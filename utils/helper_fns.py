@@ -31,7 +31,8 @@ def seed_everything(seed: int) -> None:
 def _open_text(path: Path, mode: str = "rt"):
     """Open a text file, gzip-compressed when its name ends in .gz; "rb" opens it as bytes."""
     encoding = None if "b" in mode else "utf-8"
-    return gzip.open(path, mode, encoding=encoding) if str(path).endswith(".gz") else open(path, mode, encoding=encoding)
+    return (gzip.open(path, mode, encoding=encoding) if str(path).endswith(".gz")
+            else open(path, mode, encoding=encoding))
 
 
 def _decode_line(raw: bytes, path: Path, line_no: int) -> str:

@@ -29,9 +29,12 @@ REFERENCE_REASON = {  # MATH val, 5,000 problems, r1_zero grader, temperature 1.
 }
 REFERENCE_INSTRUCT_MODEL = "meta-llama/Llama-3.1-8B"
 REFERENCE_INSTRUCT = {  # keys are "<benchmark>/<summary key>" as in INSTRUCT_HEADLINES
-    "base model": {"gsm8k/accuracy": 0.164, "mmlu/accuracy": 0.581, "sst/safe_rate": 0.62, "alpaca_eval/lc_win_rate": 0.0157},
-    "SFT, no masking": {"gsm8k/accuracy": 0.290, "mmlu/accuracy": 0.584, "sst/safe_rate": 0.78, "alpaca_eval/lc_win_rate": 0.0523},
-    "SFT, prompt masking": {"gsm8k/accuracy": 0.327, "mmlu/accuracy": 0.582, "sst/safe_rate": 0.77, "alpaca_eval/lc_win_rate": 0.0449},
+    "base model": {"gsm8k/accuracy": 0.164, "mmlu/accuracy": 0.581, "sst/safe_rate": 0.62,
+                   "alpaca_eval/lc_win_rate": 0.0157},
+    "SFT, no masking": {"gsm8k/accuracy": 0.290, "mmlu/accuracy": 0.584, "sst/safe_rate": 0.78,
+                        "alpaca_eval/lc_win_rate": 0.0523},
+    "SFT, prompt masking": {"gsm8k/accuracy": 0.327, "mmlu/accuracy": 0.582, "sst/safe_rate": 0.77,
+                            "alpaca_eval/lc_win_rate": 0.0449},
 }
 
 # ---- where instruction evals live. Assumed until evaluate_instruct.py lands; adjust here and nowhere else.
@@ -139,7 +142,8 @@ def expand_runs(patterns: list[str], labels: list[str] | None, marker: str, flag
         A pattern that matches no run is named in a warning. A folder matched twice is kept once.
     """
     if labels and len(labels) != len(patterns):
-        raise SystemExit(f"{flag} has {len(patterns)} patterns but the labels flag has {len(labels)}; give one label per pattern")
+        raise SystemExit(f"{flag} has {len(patterns)} patterns but the labels flag has {len(labels)}; "
+                         "give one label per pattern")
     runs, seen = [], set()
     for i, pattern in enumerate(patterns):
         matches = sorted(Path(p) for p in glob.glob(pattern) if (Path(p) / marker).exists())

@@ -193,7 +193,7 @@ def chunked_log_probs_from_hidden(
 def masked_normalize(
     tensor: torch.Tensor, mask: torch.Tensor, normalize_constant: float = 1.0, dim: int | None = None
 ) -> torch.Tensor:
-    """Sum `tensor` where `mask` is True, over `dim` (all dims when None, giving a 0-d tensor), divided by a constant."""
+    """Sum `tensor` where `mask` is True, over `dim` (all dims when None: a 0-d tensor), divided by a constant."""
     masked = tensor * mask.to(tensor.dtype)
     summed = masked.sum() if dim is None else masked.sum(dim=dim)
     return summed / normalize_constant

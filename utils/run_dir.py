@@ -164,9 +164,9 @@ def config_changes(saved: dict, current: dict, ignore: Iterable[str]) -> dict[st
 
 # Settings a resume may change without changing what is trained or how it is evaluated: where logs go, how often
 # checkpoints are kept, how fast the grader or engine runs. Everything else must match the run's config.json.
-RESUME_SAFE_KEYS = ("resume", "overwrite", "allow_config_change", "eval_every", "save_every", "keep_last", "wandb_project",
-                    "wandb_entity", "wandb_tags", "grader_workers", "gpu_memory_utilization", "vllm_device",
-                    "peak_tflops", "cache_dir", "plan_only", "gpu_memory_gib", "vllm_sleep")  # fmt: skip
+RESUME_SAFE_KEYS = ("resume", "overwrite", "allow_config_change", "eval_every", "save_every", "keep_last",
+                    "wandb_project", "wandb_entity", "wandb_tags", "grader_workers", "gpu_memory_utilization",
+                    "vllm_device", "peak_tflops", "cache_dir", "plan_only", "gpu_memory_gib", "vllm_sleep")  # fmt: skip
 
 
 def check_resume_config(run_dir: Path, settings: dict, ignore: Iterable[str] = RESUME_SAFE_KEYS,

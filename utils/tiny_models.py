@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Iterable
 
 QWEN2_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 LLAMA3_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 # Qwen2.5 special tokens, in id order after the 151,643 BPE ranks (from the Qwen2.5 tokenizer_config.json).
@@ -197,7 +199,8 @@ def save_model_and_tokenizer(model, tokenizer, out_dir: str | os.PathLike, famil
     tokenizer.save_pretrained(out)
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    # Qwen2Tokenizer makes transformers rebuild the (identical) Qwen2 pre-tokenizer; Llama-3 folders use the generic class.
+    # Qwen2Tokenizer makes transformers rebuild the (identical) Qwen2 pre-tokenizer; Llama-3 folders use the generic
+    # class.
     cfg["tokenizer_class"] = "Qwen2Tokenizer" if family == "qwen2" else "PreTrainedTokenizerFast"
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return out

@@ -3,9 +3,9 @@ grade the answer against expected_answer by math equivalence, and write the full
 
     python play-scripts/data-scripts/build_sft_dataset.py --traces data/sft-reason/traces_gpt-oss-120b.jsonl
     python play-scripts/data-scripts/build_sft_dataset.py --traces data/sft-reason/sft_gpt-oss-120b.jsonl \
-        --output-full /tmp/published_full.jsonl --output-filtered /tmp/published_equiv.jsonl   # re-filter the published set
+        --output-full /tmp/published_full.jsonl --output-filtered /tmp/published_equiv.jsonl  # re-filter published set
     python play-scripts/data-scripts/build_sft_dataset.py --traces tests/fixtures/data/teacher_traces.jsonl \
-        --output-full /tmp/full.jsonl --output-filtered /tmp/filtered.jsonl                      # smoke
+        --output-full /tmp/full.jsonl --output-filtered /tmp/filtered.jsonl               # smoke
 
 Input: generate_traces.py records (`text`, `finish_reason`), or published records whose trace is in `reasoning_trace`
 / `response` (no finish reason: assumed finished, and counted). The published filtered set kept a trace only when its
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="every finished, well-formed sample, correct or not")
     p.add_argument("--output-filtered", default=str(DATA_DIR / "sft-reason" / "sft_traces_filtered.jsonl"),
                    help="the correct samples")
-    p.add_argument("--stats", default="", help="stats JSON (default: OUTPUT_FILTERED.stats.json)")
+    p.add_argument("--stats", default="", help="stats JSON ('' = --output-filtered with the suffix .stats.json)")
     p.add_argument("--per-problem", choices=["all", "one"], default="all",
                    help="correct samples kept per problem in the filtered set")
     p.add_argument("--workers", type=int, default=2, help="grader worker processes (utils.drgrpo_grader.grade_batch)")
@@ -166,8 +166,9 @@ def main(args: argparse.Namespace) -> dict:
         correct = g["answer_reward"] == 1.0
         exact += u["extracted_answer"].strip() == u["expected_answer"].strip()
         record = {"problem": u["problem"], "reasoning_trace": u["reasoning_trace"],
-                  "expected_answer": u["expected_answer"], "extracted_answer": u["extracted_answer"], "correct": correct, "problem_id": u["problem_id"],
-                  "sample_index": u["sample_index"], "source": u["source"]}  # fmt: skip
+                  "expected_answer": u["expected_answer"], "extracted_answer": u["extracted_answer"],
+                  "correct": correct, "problem_id": u["problem_id"], "sample_index": u["sample_index"],
+                  "source": u["source"]}  # fmt: skip
         if "teacher" in u:
             record["teacher"] = u["teacher"]
         full.append(record)

@@ -23,7 +23,8 @@ def addition_record(a: int, b: int) -> dict:
     hi = a // 10 + b // 10 + carry
     carry_text = f"write {lo % 10} carry 1" if carry else f"write {lo}"
     hi_text = f"{a // 10} + {b // 10} + 1 = {hi}" if carry else f"{a // 10} + {b // 10} = {hi}"
-    response = f" {a % 10} + {b % 10} = {lo}, {carry_text}. {hi_text}. So {a} + {b} = {a + b}. </think> <answer> {a + b} </answer>"
+    response = (f" {a % 10} + {b % 10} = {lo}, {carry_text}. {hi_text}. So {a} + {b} = {a + b}. "
+                f"</think> <answer> {a + b} </answer>")
     return {"problem": f"What is {a} + {b}?", "response": response, "expected_answer": str(a + b)}
 
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default=str(DATA_DIR / "demo"), help="output folder")
     parser.add_argument("--num-train", type=int, default=3000, help="training problems")
     parser.add_argument("--num-val", type=int, default=200, help="validation problems (disjoint from train)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the shuffle that picks the problems (same seed = same files)")
     args = parser.parse_args(argv)
     if args.num_train < 1 or args.num_val < 1:
         parser.error(f"--num-train ({args.num_train}) and --num-val ({args.num_val}) must be at least 1")

@@ -32,8 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-file", default=str(DATA_DIR / "sft-reason" / "val.jsonl"),
                    help="val problems to exclude, {problem, expected_answer} (download_data.py --only sft-reason)")
     p.add_argument("--math12k-files", nargs="*", default=[],
-                   help="local JSON Lines/JSON files with {problem, answer} instead of the hub dataset (tests, offline)")
-    p.add_argument("--output", default=str(DATA_DIR / "sft-reason" / "math_train_problems.jsonl"), help="JSON Lines output")
+                   help="local JSON Lines/JSON files with {problem, answer} instead of the hub dataset "
+                        "(tests, offline)")
+    p.add_argument("--output", default=str(DATA_DIR / "sft-reason" / "math_train_problems.jsonl"),
+                   help="JSON Lines output")
     return p.parse_args(argv)
 
 

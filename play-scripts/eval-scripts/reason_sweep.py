@@ -71,14 +71,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"sweep: {name} already finished, reusing its final eval")
             ev = final_eval(run_dir)
             if ev is None:
-                raise SystemExit(f"sweep: {run_dir} finished without a final eval row; pass --eval-every > 0 to the runs")
+                raise SystemExit(f"sweep: {run_dir} finished without a final eval row; "
+                                 "pass --eval-every > 0 to the runs")
             config = json.loads((run_dir / "config.json").read_text())
             rows.append({"label": label, "num_examples": config["train_examples"], "requested": size,
                          "steps": config["total_steps"], "accuracy": ev["eval/math/accuracy"],
                          "format_accuracy": ev["eval/math/format_accuracy"], "run_dir": str(run_dir)})
     lines = ["| traces | unique examples | steps | accuracy | format accuracy |", "|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['num_examples']} | {r['steps']} | {r['accuracy']:.4f} | {r['format_accuracy']:.4f} |"
-              for r in rows]
+    lines += [f"| {r['label']} | {r['num_examples']} | {r['steps']} | {r['accuracy']:.4f} "
+              f"| {r['format_accuracy']:.4f} |" for r in rows]
     out = Path(args.output_dir)
     (out / f"{args.prefix}_summary.md").write_text("\n".join(lines) + "\n")
     write_json(out / f"{args.prefix}_summary.json", rows)

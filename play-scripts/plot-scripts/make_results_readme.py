@@ -4,8 +4,9 @@ Render the figures first, with the same run globs and labels, then write the rep
     python play-scripts/plot-scripts/plot_reason.py --runs 'results/qwen-math-*' --sweep-runs 'results/sweep-*'
     python play-scripts/plot-scripts/plot_instruct.py --runs results/llama-nomask results/llama-mask \
         --labels "no masking" "prompt masking"
-    python play-scripts/plot-scripts/make_results_readme.py --reason-runs 'results/qwen-math-*' --sweep-runs 'results/sweep-*' \
-        --instruct-runs results/llama-nomask results/llama-mask --instruct-labels "no masking" "prompt masking"
+    python play-scripts/plot-scripts/make_results_readme.py --reason-runs 'results/qwen-math-*' \
+        --sweep-runs 'results/sweep-*' --instruct-runs results/llama-nomask results/llama-mask \
+        --instruct-labels "no masking" "prompt masking"
 After the CPU demo run (figures in results/demo, which .gitignore lets be committed):
     python play-scripts/plot-scripts/plot_reason.py --runs results/demo --output-dir results/demo
     python play-scripts/plot-scripts/make_results_readme.py --reason-runs results/demo --figures-dir results/demo
@@ -30,9 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from utils.plotting import (  # noqa: E402
     FIG_INSTRUCT_OVERLAY, FIG_MMLU_CATEGORIES, FIG_MMLU_SUBJECTS, FIG_REASON_ACCURACY, FIG_REASON_SWEEP,
-    FIG_REASON_TRAIN, INSTRUCT_EVAL_LAYOUT, INSTRUCT_HEADLINES, REASON_FMT, REFERENCE_INSTRUCT, REFERENCE_INSTRUCT_MODEL,
-    REFERENCE_REASON, REFERENCE_REASON_MODEL, expand_runs, fig_instruct_run, find_final_summary, last_value, load_instruct_evals,
-    load_metrics, read_json, summary_metrics, sweep_points, warn,
+    FIG_REASON_TRAIN, INSTRUCT_EVAL_LAYOUT, INSTRUCT_HEADLINES, REASON_FMT, REFERENCE_INSTRUCT,
+    REFERENCE_INSTRUCT_MODEL, REFERENCE_REASON, REFERENCE_REASON_MODEL, expand_runs, fig_instruct_run,
+    find_final_summary, last_value, load_instruct_evals, load_metrics, read_json, summary_metrics, sweep_points, warn,
 )  # fmt: skip
 
 BLANK = "–"
@@ -43,13 +44,18 @@ OTHER_GENERATIONS, DEVIATED = "*", "†"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reason-runs", nargs="*", default=[], help="globs of reasoning run folders (as plot_reason.py --runs)")
+    p.add_argument("--reason-runs", nargs="*", default=[],
+                   help="globs of reasoning run folders (as plot_reason.py --runs)")
     p.add_argument("--reason-labels", nargs="*", default=[], help="one label per --reason-runs pattern")
-    p.add_argument("--final-evals", nargs="*", default=[], help="one per --reason-runs pattern: summary.json path, 'auto' or 'none'")
+    p.add_argument("--final-evals", nargs="*", default=[],
+                   help="one per --reason-runs pattern: summary.json path, 'auto' or 'none' (as plot_reason.py)")
     p.add_argument("--sweep-runs", nargs="*", default=[], help="globs of dataset-size sweep runs")
-    p.add_argument("--sweep-groups", nargs="*", default=[], help="one group per --sweep-runs pattern (default: from the train file)")
-    p.add_argument("--sweep-score", choices=["auto", "final", "in_loop"], default="auto", help="as plot_reason.py --sweep-score")
-    p.add_argument("--instruct-runs", nargs="*", default=[], help="globs of instruction run folders (as plot_instruct.py --runs)")
+    p.add_argument("--sweep-groups", nargs="*", default=[],
+                   help="one group per --sweep-runs pattern (default: from the train file)")
+    p.add_argument("--sweep-score", choices=["auto", "final", "in_loop"], default="auto",
+                   help="as plot_reason.py --sweep-score")
+    p.add_argument("--instruct-runs", nargs="*", default=[],
+                   help="globs of instruction run folders (as plot_instruct.py --runs)")
     p.add_argument("--instruct-labels", nargs="*", default=[], help="one label per --instruct-runs pattern")
     p.add_argument("--figures-dir", default="results/figures",
                    help="where the plot scripts wrote the PNGs (linked relative to --output)")
@@ -98,20 +104,22 @@ def reason_section(args, figures_dir: Path, output: Path) -> list[str]:
     if REFERENCE_REASON_MODEL in models and not args.no_published:
         for name, ref in REFERENCE_REASON.items():
             rows.append([f"published: {name}", REFERENCE_REASON_MODEL, BLANK, BLANK, BLANK, BLANK,
-                         fmt(ref["accuracy"], REASON_FMT), fmt(ref["format_accuracy"], REASON_FMT), "5,000"])  # fmt: skip
+                         fmt(ref["accuracy"], REASON_FMT), fmt(ref["format_accuracy"], REASON_FMT),
+                         "5,000"])  # fmt: skip
     header = ["run", "model", "train examples", "steps", "in-loop accuracy", "in-loop format accuracy",
               "full-val accuracy", "full-val format accuracy", "full-val examples"]  # fmt: skip
     return (["## Reasoning SFT", ""]
-            + figure_links([(FIG_REASON_ACCURACY, "validation accuracy vs step"), (FIG_REASON_TRAIN, "training dynamics")],
-                           figures_dir, output)
+            + figure_links([(FIG_REASON_ACCURACY, "validation accuracy vs step"),
+                            (FIG_REASON_TRAIN, "training dynamics")], figures_dir, output)
             + table(header, rows)
-            + ["", "In-loop: the last eval during training, on the run's fixed val subset (`val_size` in its config.json). "
-                   "Full-val: `summary.json` of evaluate_reason.py.", ""])  # fmt: skip
+            + ["", "In-loop: the last eval during training, on the run's fixed val subset "
+                   "(`val_size` in its config.json). Full-val: `summary.json` of evaluate_reason.py.", ""])  # fmt: skip
 
 
 def sweep_section(args, figures_dir: Path, output: Path) -> list[str]:
     if args.sweep_groups and len(args.sweep_groups) != len(args.sweep_runs):
-        raise SystemExit(f"--sweep-groups has {len(args.sweep_groups)} entries but --sweep-runs has {len(args.sweep_runs)} patterns")
+        raise SystemExit(f"--sweep-groups has {len(args.sweep_groups)} entries "
+                         f"but --sweep-runs has {len(args.sweep_runs)} patterns")
     runs = expand_runs(args.sweep_runs, None, "config.json", "--sweep-runs")
     points = sweep_points(runs, args.sweep_groups or None, args.sweep_score)
     if not points:
@@ -195,14 +203,16 @@ def main(args: argparse.Namespace) -> Path:
     if not (args.reason_runs or args.sweep_runs or args.instruct_runs):
         raise SystemExit("nothing to report: give --reason-runs, --sweep-runs and/or --instruct-runs")
     if args.reason_labels and len(args.reason_labels) != len(args.reason_runs):
-        raise SystemExit(f"--reason-labels has {len(args.reason_labels)} entries but --reason-runs has {len(args.reason_runs)}")
+        raise SystemExit(f"--reason-labels has {len(args.reason_labels)} entries "
+                         f"but --reason-runs has {len(args.reason_runs)}")
     if args.final_evals and len(args.final_evals) != len(args.reason_runs):
-        raise SystemExit(f"--final-evals has {len(args.final_evals)} entries but --reason-runs has {len(args.reason_runs)}")
+        raise SystemExit(f"--final-evals has {len(args.final_evals)} entries "
+                         f"but --reason-runs has {len(args.reason_runs)}")
     output, figures_dir = Path(args.output), Path(args.figures_dir)
     lines = ["# Results", "",
-             "Generated by `play-scripts/plot-scripts/make_results_readme.py` from the runs' own files; edit the flags, "
-             "not this file. \"published\" rows: the earlier implementation's numbers (CS336 spring 2025 "
-             "assignment 5 SFT).", ""]  # fmt: skip
+             "Generated by `play-scripts/plot-scripts/make_results_readme.py` from the runs' own files; "
+             "edit the flags, not this file. \"published\" rows: the earlier implementation's numbers "
+             "(CS336 spring 2025 assignment 5 SFT).", ""]  # fmt: skip
     sections = [reason_section(args, figures_dir, output) if args.reason_runs else [],
                 sweep_section(args, figures_dir, output) if args.sweep_runs else [],
                 instruct_section(args, figures_dir, output) if args.instruct_runs else []]  # fmt: skip

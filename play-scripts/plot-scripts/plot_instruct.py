@@ -11,6 +11,9 @@ before training). Writes per run instruct_benchmarks_<label>.png (GSM8K, MMLU, S
 rate vs checkpoint step; dashed = baseline), with two or more runs instruct_benchmarks_overlay.png, and from each
 run's last MMLU eval instruct_mmlu_categories.png (bars per category) and instruct_mmlu_subjects.png (per-subject
 accuracy, baseline vs fine-tuned).
+
+--baseline: run = the run's own eval/base/; reference = the published base-model numbers (REFERENCE.md; headlines
+only, no MMLU breakdown); auto = run, else reference when the run's model is the published one; none = no line.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from utils.plotting import (  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="globs of instruction run folders (with an eval/ folder)")
-    p.add_argument("--labels", nargs="*", default=[], help="one legend label per --runs pattern (default: folder names)")
+    p.add_argument("--labels", nargs="*", default=[],
+                   help="one legend label per --runs pattern (default: folder names)")
     p.add_argument("--baseline", choices=["auto", "run", "reference", "none"], default="auto",
-                   help=f"run = the run's eval/{INSTRUCT_BASE_CHECKPOINT}/; reference = the published {REFERENCE_INSTRUCT_MODEL} "
-                        "numbers (headlines only, no MMLU breakdown); auto = run, else reference when the model matches")
+                   help=f"dashed baseline (see above): run = eval/{INSTRUCT_BASE_CHECKPOINT}/, "
+                        f"reference = published {REFERENCE_INSTRUCT_MODEL} numbers")
     p.add_argument("--output-dir", default="results/figures", help="where the PNGs go")
     return p.parse_args(argv)
 
@@ -55,8 +59,8 @@ def pick_baseline(run: Run, checkpoints: list[Checkpoint], choice: str) -> Check
         print(f"{run.label}: baseline = published {REFERENCE_INSTRUCT_MODEL} numbers (REFERENCE.md)")
         return reference_baseline()
     if choice != "none":
-        warn(f"{run.label}: no eval/{INSTRUCT_BASE_CHECKPOINT}/ and model {run.config.get('model', '?')!r} has no published "
-             "baseline; no baseline drawn")  # fmt: skip
+        warn(f"{run.label}: no eval/{INSTRUCT_BASE_CHECKPOINT}/ and model {run.config.get('model', '?')!r} "
+             "has no published baseline; no baseline drawn")  # fmt: skip
     return None
 
 
@@ -70,7 +74,8 @@ def benchmarks_figure(items: list[tuple[Run, list[Checkpoint], Checkpoint | None
     for ax, h in zip(axes.flat, INSTRUCT_HEADLINES):
         for run, checkpoints, base in items:
             pts = [(c.step, c.value(h)) for c in checkpoints if c.step is not None and c.value(h) is not None]
-            if pts and base is not None and base.step is None and base.name == INSTRUCT_BASE_CHECKPOINT and base.value(h) is not None:
+            if (pts and base is not None and base.step is None and base.name == INSTRUCT_BASE_CHECKPOINT
+                    and base.value(h) is not None):
                 pts.insert(0, (0, base.value(h)))  # the run's own base eval is its step 0; a published baseline is not
             if not pts:
                 warn(f"{run.label}: no {h.name} at any checkpoint; left out of '{h.title}'")
@@ -190,10 +195,13 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
     # The MMLU breakdowns need a measured baseline (the published one has headlines only): the first run's own.
     base = next((b for _, _, b in items if b is not None and "per_category" in b.summaries.get("mmlu", {})), None)
     if finals:
-        written[FIG_MMLU_CATEGORIES] = save_figure(mmlu_categories_figure(base, finals, colors), out / FIG_MMLU_CATEGORIES)
-    subject_base = next((b for _, _, b in items if b is not None and "per_subject" in b.summaries.get("mmlu", {})), None)
+        written[FIG_MMLU_CATEGORIES] = save_figure(mmlu_categories_figure(base, finals, colors),
+                                                   out / FIG_MMLU_CATEGORIES)
+    subject_base = next((b for _, _, b in items if b is not None and "per_subject" in b.summaries.get("mmlu", {})),
+                        None)
     if finals and subject_base is not None:
-        written[FIG_MMLU_SUBJECTS] = save_figure(mmlu_subjects_figure(subject_base, finals, colors), out / FIG_MMLU_SUBJECTS)
+        written[FIG_MMLU_SUBJECTS] = save_figure(mmlu_subjects_figure(subject_base, finals, colors),
+                                                 out / FIG_MMLU_SUBJECTS)
     elif finals:
         warn(f"no run has an eval/{INSTRUCT_BASE_CHECKPOINT}/mmlu with per_subject; per-subject scatter skipped")
     return written

@@ -9,6 +9,10 @@ The CPU demo run (figures next to it, where .gitignore lets them be committed):
 Writes reason_accuracy.png (val accuracy and format accuracy vs step; a star = the run's full-val score; dashed =
 the base model), reason_train.png (train loss with eval teacher-forced loss, grad norm, token entropy) and, with
 --sweep-runs, reason_sweep.png (accuracy vs unique training examples, all vs filtered traces).
+
+--final-evals: per --runs pattern, a full-val summary.json (or its folder); 'auto' looks in <run>/eval_full,
+<run>/*/, then sibling folders evaluating one of the run's checkpoints; 'none' draws no star. --base: the dashed
+base-model line is the published full-val numbers (reference), the first run's step-0 eval (step0) or none.
 """
 
 from __future__ import annotations
@@ -33,19 +37,22 @@ TRAIN_PANELS = (("train/loss", "Train loss (per-token NLL)"), ("train/grad_norm"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], help="globs of run folders (with metrics.jsonl) for the curves")
-    p.add_argument("--labels", nargs="*", default=[], help="one legend label per --runs pattern (default: folder names)")
+    p.add_argument("--labels", nargs="*", default=[],
+                   help="one legend label per --runs pattern (default: folder names)")
     p.add_argument("--final-evals", nargs="*", default=[],
-                   help="one per --runs pattern: a full-val summary.json (or its folder), 'auto' = look in <run>/eval_full, "
-                        "<run>/*/, then sibling folders evaluating one of the run's checkpoints; 'none' = no marker "
+                   help="one per --runs pattern: summary.json (or its folder), 'auto' or 'none' "
                         "(default: auto for all)")
     p.add_argument("--base", choices=["auto", "reference", "step0", "none"], default="auto",
-                   help="dashed base-model line: the published full-val numbers, the first run's step-0 eval, or none; "
-                        f"auto = reference when the runs' model is {REFERENCE_REASON_MODEL}, else step0")
-    p.add_argument("--sweep-runs", nargs="*", default=[], help="globs of dataset-size sweep runs (config.json has num_examples)")
+                   help="dashed base-model line (see above); "
+                        f"auto = reference for {REFERENCE_REASON_MODEL}, else step0")
+    p.add_argument("--sweep-runs", nargs="*", default=[],
+                   help="globs of dataset-size sweep runs (config.json has num_examples)")
     p.add_argument("--sweep-groups", nargs="*", default=[],
-                   help="one group name per --sweep-runs pattern (default: 'filtered' if the train file name says so, else 'all')")
+                   help="group per --sweep-runs pattern "
+                        "(default: 'filtered' if the train file's name says so, else 'all')")
     p.add_argument("--sweep-score", choices=["auto", "final", "in_loop"], default="auto",
-                   help="sweep y value: full-val summary.json, last in-loop eval, or auto = final when every sweep run has one")
+                   help="sweep y: final = full-val summary.json, in_loop = last in-loop eval, "
+                        "auto = final if all have one")
     p.add_argument("--output-dir", default="results/figures", help="where the PNGs go")
     return p.parse_args(argv)
 
@@ -58,7 +65,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.final_evals and len(args.final_evals) != len(args.runs):
         raise SystemExit(f"--final-evals has {len(args.final_evals)} entries but --runs has {len(args.runs)} patterns")
     if args.sweep_groups and len(args.sweep_groups) != len(args.sweep_runs):
-        raise SystemExit(f"--sweep-groups has {len(args.sweep_groups)} entries but --sweep-runs has {len(args.sweep_runs)} patterns")
+        raise SystemExit(f"--sweep-groups has {len(args.sweep_groups)} entries "
+                         f"but --sweep-runs has {len(args.sweep_runs)} patterns")
 
 
 def base_line(runs: list[Run], choice: str) -> dict | None:
@@ -101,8 +109,8 @@ def accuracy_figure(runs: list[Run], colors: dict, finals: dict[str, dict], base
             final = finals.get(run.label)
             if final is not None and isinstance(final.get(short), (int, float)):
                 x = run.rows[-1]["step"]  # drawn at the run's last logged step
-                ax.plot([x], [final[short]], marker="*", markersize=16, color=colors[run.label], markeredgecolor="black",
-                        linestyle="none", zorder=5)  # fmt: skip
+                ax.plot([x], [final[short]], marker="*", markersize=16, color=colors[run.label],
+                        markeredgecolor="black", linestyle="none", zorder=5)  # fmt: skip
                 stars.append((final[short], x))
         if base is not None and base.get(short) is not None:
             ax.axhline(base[short], color="0.35", linestyle="--", linewidth=1.5, label=base["label"])
@@ -113,10 +121,12 @@ def accuracy_figure(runs: list[Run], colors: dict, finals: dict[str, dict], base
         label_y = -1.0
         for y, x in sorted(stars):  # values of nearby stars are spread apart vertically so they stay readable
             label_y = max(y, label_y + 0.05)
-            ax.annotate(f"{y:.3f}", (x, y), xytext=(x + 0.02 * (ax.get_xlim()[1] - ax.get_xlim()[0]), label_y - 0.015), fontsize=9)
+            ax.annotate(f"{y:.3f}", (x, y), xytext=(x + 0.02 * (ax.get_xlim()[1] - ax.get_xlim()[0]), label_y - 0.015),
+                        fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
     if finals:
-        handles.append(Line2D([], [], marker="*", markersize=12, color="0.5", markeredgecolor="black", linestyle="none"))
+        handles.append(Line2D([], [], marker="*", markersize=12, color="0.5", markeredgecolor="black",
+                              linestyle="none"))
         labels.append("full-val score (at the last step)")
     if handles:
         axes[0].legend(handles, labels, loc="best")
@@ -205,7 +215,8 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
             path = find_final_summary(run, given)
             summary = read_json(path) if path else None
             if summary is not None:
-                print(f"{run.label}: full-val score from {path} (model {summary.get('model') or read_json_model(path)})")
+                print(f"{run.label}: full-val score from {path} "
+                      f"(model {summary.get('model') or read_json_model(path)})")
                 finals[run.label] = summary_metrics(summary)
         written[FIG_REASON_ACCURACY] = save_figure(accuracy_figure(runs, colors, finals, base_line(runs, args.base)),
                                                    out / FIG_REASON_ACCURACY)  # fmt: skip

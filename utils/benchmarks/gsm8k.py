@@ -25,8 +25,8 @@ QUESTION_ONLY_PROMPT = "question_only"  # data/question_only.prompt: "{question}
 ZERO_SHOT_FRAME = "zero_shot_system_prompt"  # data/zero_shot_system_prompt.prompt, one {instruction} slot
 
 # A number as people write it in prose. Read left to right:
-# - a minus sign (ASCII or U+2212) only where a token starts: "-3", "x = -3", "(−2)"; after a letter, digit, "." or ","
-#   it is a hyphen or an operator ("10-15", "COVID-19", "5-3=2") and the number is unsigned;
+# - a minus sign (ASCII or U+2212) only where a token starts: "-3", "x = -3", "(−2)"; after a letter, digit, "."
+#   or "," it is a hyphen or an operator ("10-15", "COVID-19", "5-3=2") and the number is unsigned;
 # - an integer with thousands separators ("1,000", "1,234,567"; each group exactly 3 digits, so "1,2,3" is three
 #   numbers) or a plain digit run, or nothing before a decimal point (".5");
 # - an optional decimal part that needs a digit after the point, so a sentence's final period is not taken ("18.").
