@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the matched stop string in the response (the format reward needs </answer>)")
     g.add_argument("--n-samples", type=int, default=1,
                    help="samples per problem; > 1 adds pass@k and majority-vote accuracy")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed; sample j of example i draws from seed (seed, i, j)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed: sample j of example i is seeded by (seed, i, j)")
     g = p.add_argument_group("engine")
     add_engine_flags(g)
     g = p.add_argument_group("grading and output")
@@ -113,7 +113,8 @@ def default_output_dir(args: argparse.Namespace) -> str:
     """results/eval_reason_<model>_<data>_T<temperature>_n<n>: the same command resumes into the same folder."""
     from utils.benchmarks.eval_config import model_slug
 
-    return f"results/eval_reason_{model_slug(args.model)}_{Path(args.data).stem}_T{args.temperature:g}_n{args.n_samples}"
+    data = Path(args.data).stem
+    return f"results/eval_reason_{model_slug(args.model)}_{data}_T{args.temperature:g}_n{args.n_samples}"
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -13,7 +13,8 @@ from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoin
 from utils.helper_fns import load_prompt
 from utils.instruct_dataset import fill_template
 from utils.post_train import tokenize_prompt_and_output
-from utils.serving import adds_bos, chat_template_for, resolve_eval_dtype, resolve_save_dtype, set_training_chat_template
+from utils.serving import (adds_bos, chat_template_for, resolve_eval_dtype, resolve_save_dtype,
+                           set_training_chat_template)  # fmt: skip
 from utils.training import build_optimizer, train_step
 
 QUESTIONS = ["What is 12 + 35?", 'A {brace}, a "quote", {% jinja %} and é, 😀\nacross lines', ""]

@@ -33,7 +33,8 @@ def test_short_run_learns_changes_every_parameter_and_logs_finite_numbers(tmp_pa
     assert config["total_steps"] == 12 and config["train_examples"] == 3000 and config["dropped_overlong"] == 0
     from safetensors.torch import load_file
 
-    before, after = load_file(run / "base_model/model.safetensors"), load_file(run / "checkpoints/step_000012/model.safetensors")
+    before = load_file(run / "base_model/model.safetensors")
+    after = load_file(run / "checkpoints/step_000012/model.safetensors")
     assert before.keys() == after.keys()
     for name in before:
         assert not torch.equal(before[name], after[name]), f"{name} did not change"
@@ -73,7 +74,8 @@ def test_overlong_examples_are_dropped_and_counted(tmp_path):
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"problem": "1+1", "response": " 2 </think> <answer> 2 </answer>", "expected_answer": "2"}\n{oops\n')
+    good = '{"problem": "1+1", "response": " 2 </think> <answer> 2 </answer>", "expected_answer": "2"}'
+    bad.write_text(good + "\n{oops\n")
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: malformed JSON"):
         T.main(_args(tmp_path, "--train-file", str(bad)))
     missing = tmp_path / "missing_key.jsonl"

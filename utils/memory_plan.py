@@ -277,7 +277,8 @@ def check_memory_plan(model: str, setup: TrainSetup, device_bytes: int | None, p
         return None
     if model == "tiny":
         if plan_only:
-            raise SystemExit("--plan-only --model tiny: the tiny model is built at run time (a few MB); nothing to plan")
+            raise SystemExit("--plan-only --model tiny: the tiny model is built at run time (a few MB); "
+                             "nothing to plan")
         return None
     shape = ModelShape.from_config(find_model_config(model), name=str(model))
     plan = plan_memory(shape, setup, device_bytes)

@@ -129,7 +129,8 @@ class ReasonValidator:
         self._engine = None
 
 
-def resolve_vllm_sleep(requested: bool | None, engine: str, policy_device: str, vllm_device: str | None) -> tuple[bool, str]:
+def resolve_vllm_sleep(requested: bool | None, engine: str, policy_device: str,
+                       vllm_device: str | None) -> tuple[bool, str]:  # fmt: skip
     """Whether the in-loop vLLM engine sleeps between evaluations, and why (one printable clause).
 
     Default (`requested` None): on when vLLM shares the policy's GPU, where its weights and KV cache would otherwise
