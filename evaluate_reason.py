@@ -34,8 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="HF hub id or local model folder")
     g.add_argument("--data", default="data/sft-reason/val.jsonl",
-                   help="JSONL, JSON array or Parquet of {problem|question, expected_answer|answer|ground_truth}, or a "
-                        "hub dataset id")
+                   help="{problem|question, expected_answer|answer|ground_truth}: JSONL, JSON, Parquet or hub id")
     add_data_source_flags(g, {"--data-split": ("test", "split of a hub --data")})
     g.add_argument("--prompt-template", default="data/r1_zero.prompt",
                    help="prompt file with a {question} slot (the one training uses)")

@@ -57,8 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="meta-llama/Llama-3.1-8B",
                    help="HF hub id or folder; 'tiny' = a tiny Llama + BPE built from the training texts")
     g.add_argument("--train-file", default="data/sft-instruct/train.jsonl",
-                   help="{prompt, response} or chat {messages: [{role, content}]} records: JSON Lines (.gz ok) or "
-                        "Parquet, or a hub dataset id")
+                   help="{prompt, response} or chat {messages} records: JSONL (.gz ok), Parquet or a hub id")
     g.add_argument("--test-file", default="data/sft-instruct/test.jsonl",
                    help="held-out split for the eval loss (file or hub dataset id)")
     add_data_source_flags(g, {"--train-split": ("train", "split of a hub --train-file"),
@@ -70,8 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per packed row (every row has exactly this many)")
     add_deprecated_alias(g, "--seq-length", "--max-seq-len", type=int)
     g.add_argument("--mask-prompt", action="store_true",
-                   help="no loss on prompt tokens, or on all but the assistant turns of chat records (rows with no "
-                        "response token are dropped)")
+                   help="loss on responses only (chat: assistant turns); rows without one are dropped")
     g.add_argument("--packing", choices=["concat", "doc"], default="concat",
                    help="concat = causal attention over the whole row (the reference); doc = per document (see above)")
     g.add_argument("--cache-dir", default="", help="tokenization cache folder ('' = next to the data file)")

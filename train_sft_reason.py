@@ -69,8 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B",
                    help="HF hub id or local folder; 'tiny' = a tiny Qwen2 + BPE built from the training texts")
     g.add_argument("--train-file", default="data/sft-reason/sft_gpt-oss-120b_filtered.jsonl",
-                   help="JSONL, JSON array or Parquet of {problem, reasoning_trace|response, expected_answer}, or a "
-                        "hub dataset id")
+                   help="{problem, reasoning_trace|response, expected_answer}: JSONL, JSON, Parquet or a hub id")
     g.add_argument("--val-file", default="data/sft-reason/val.jsonl",
                    help="JSONL, JSON array or Parquet of {problem, expected_answer}, or a hub dataset id")
     add_data_source_flags(g, {"--train-split": ("train", "split of a hub --train-file"),

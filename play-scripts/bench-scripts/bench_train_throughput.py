@@ -362,7 +362,7 @@ def run_trl_config(name, cfg, args, shape, device):
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b", help="model shape (random weights)")
     p.add_argument("--num-layers", type=int, default=-1, help="decoder layers (-1 = the shape's; fewer for checks)")
     p.add_argument("--configs", default=",".join([*CONFIGS, *TRL_CONFIGS]),
                    help=f"comma list of {list(CONFIGS)} and TRL's {list(TRL_CONFIGS)}")
@@ -379,11 +379,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--trl-grad-accum", type=int, default=8, help="TRL micro-batches per optimizer step")
     p.add_argument("--length-scale", type=float, default=1.0, help="multiply synthetic lengths (e.g. 0.05 on CPU)")
     p.add_argument("--max-len", type=int, default=2048, help="longest sequence; TRL's max_length and packed row")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"])
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"],
+                   help="as the trainers' --precision (auto = mixed on CUDA, fp32 on CPU)")
+    p.add_argument("--lr", type=float, default=1e-5, help="constant learning rate of every row")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM: 989)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic examples and weights")
     p.add_argument("--output", default="", help="JSON file for the results (with machine, date, versions)")
     args = p.parse_args(argv)
 
