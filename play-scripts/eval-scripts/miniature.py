@@ -58,7 +58,7 @@ SETS = ("all", "filtered")  # build_sft_dataset.py's full and correct-only outpu
 SUMMED = "summed"  # the correct-only set trained with the summed loss
 
 PRESETS = {
-    "smoke": dict(seeds=[1], sizes=[16, -1], num_problems=64, num_val=16, num_test=24, demo_steps=250,
+    "smoke": dict(seeds=[1], sizes=[8, -1], num_problems=64, num_val=16, num_test=24, demo_steps=250,
                   checkpoint_every=50, base_step=50, teacher_step=250, student_steps=3, micro_batch_size=8,
                   temperature=0.0, eval_engine="hf", jobs=2),
 }  # fmt: skip
