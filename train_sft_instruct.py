@@ -145,7 +145,7 @@ def main(args: argparse.Namespace) -> dict:
     """Check the flags, claim the run folder (utils.run_dir: one run per folder, locked while it trains; under
     torchrun rank 0 claims it for all ranks), train."""
     from utils.helper_fns import pick_device
-    from utils.run_dir import RunLock, check_resume_config, check_run_name, prepare_run_dir
+    from utils.run_dir import check_run_name, claimed_run
 
     if args.plan_only:  # before the data checks and before joining a process group: only config.json is read
         plan_memory_or_stop(args, pick_device(args.device), int(os.environ.get("WORLD_SIZE", "1")),
@@ -156,11 +156,8 @@ def main(args: argparse.Namespace) -> dict:
         f"instruct_{Path(args.model).name}_{mask}_{time.strftime('%Y%m%d_%H%M%S')}"
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 claims the folder; train() waits for it at a barrier
         return train(args, Path(args.output_dir) / run_name)
-    run_dir = prepare_run_dir(args.output_dir, run_name, args.resume, args.overwrite)
-    with RunLock(run_dir):
-        if args.resume:  # "device" is saved resolved ("auto" -> "cpu"): compared once resolved, in train()
-            settings = {k: v for k, v in vars(args).items() if k != "device"}
-            check_resume_config(run_dir, settings, allowed_changes=args.allow_config_change)
+    with claimed_run(args.output_dir, run_name, vars(args), args.resume, args.overwrite,
+                     args.allow_config_change) as run_dir:  # fmt: skip
         return train(args, run_dir)
 
 
@@ -239,11 +236,6 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
         model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
                            args.gradient_checkpointing)
     template = load_prompt(args.prompt_template)
-    # the checkpoints' chat template renders one instruction into the training document's prompt part, BOS included
-    # when training's tokenization adds it (Llama-3), and an assistant turn ends in EOS as documents do
-    set_training_chat_template(tokenizer, template, "{instruction}", with_bos=adds_bos(tokenizer), with_eos=True)
-    save_dtype = resolve_save_dtype(args.save_dtype, model_path)
-    say(f"checkpoints: weights saved in {save_dtype} (--save-dtype {args.save_dtype}), Alpaca chat template")
     ds_kwargs = dict(seq_length=args.max_seq_len, mask_prompt=args.mask_prompt, seed=args.seed, template=template,
                      cache_dir=args.cache_dir or None, config=args.data_config)
     # Rank 0 tokenizes (and caches) first; the other ranks then read its cache instead of repeating the work.
@@ -254,6 +246,15 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
                                             **ds_kwargs)
                 test_ds = PackedSFTDataset(tokenizer, args.test_file, shuffle=False, split=args.test_split, **ds_kwargs)
         D.barrier(info)
+    # The checkpoints' chat template is the format trained on, set once the data is rendered (chat records use the
+    # tokenizer's own template when it has one): chat data under the tokenizer's template keeps it; otherwise the
+    # Alpaca template renders one instruction into the training prompt, BOS included when training's tokenization
+    # adds it (Llama-3), and an assistant turn ends in EOS as documents do.
+    if not (train_ds.chat_documents and train_ds.chat_template):
+        set_training_chat_template(tokenizer, template, "{instruction}", with_bos=adds_bos(tokenizer), with_eos=True)
+    save_dtype = resolve_save_dtype(args.save_dtype, model_path)
+    kept = "the tokenizer's" if train_ds.chat_documents and train_ds.chat_template else "the Alpaca"
+    say(f"checkpoints: weights saved in {save_dtype} (--save-dtype {args.save_dtype}), {kept} chat template")
     rows_per_step = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
     steps = math.ceil(args.epochs * len(train_ds) / rows_per_step) if args.epochs > 0 else args.max_steps
     say(f"train: {train_ds.summary()}\ntest: {test_ds.summary()}")

@@ -183,7 +183,7 @@ def plan_memory_or_stop(args: argparse.Namespace, device: str) -> None:
 def main(args: argparse.Namespace) -> dict:
     """Check the flags, claim the run folder (utils.run_dir: one run per folder, locked while it trains), train."""
     from utils.helper_fns import pick_device
-    from utils.run_dir import RunLock, check_resume_config, check_run_name, prepare_run_dir
+    from utils.run_dir import check_run_name, claimed_run
 
     device = pick_device(args.device)
     if args.plan_only:  # before the data checks: a plan needs only the model's config.json
@@ -192,11 +192,8 @@ def main(args: argparse.Namespace) -> dict:
     plan_memory_or_stop(args, device)  # a run that cannot fit stops before it claims a folder
     run_name = check_run_name(args.run_name) if args.run_name else \
         f"reason_{Path(args.model).name}_{args.num_examples}ex_{time.strftime('%Y%m%d_%H%M%S')}"
-    run_dir = prepare_run_dir(args.output_dir, run_name, args.resume, args.overwrite)
-    with RunLock(run_dir):
-        if args.resume:  # "device" is saved resolved ("auto" -> "cpu"): compared once resolved, in train()
-            settings = {k: v for k, v in vars(args).items() if k != "device"}
-            check_resume_config(run_dir, settings, allowed_changes=args.allow_config_change)
+    with claimed_run(args.output_dir, run_name, vars(args), args.resume, args.overwrite,
+                     args.allow_config_change) as run_dir:  # fmt: skip
         return train(args, run_dir)
 
 

@@ -16,7 +16,6 @@ A README.md in the folder is replaced by the generated card. The local folder is
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.helper_fns import file_sha256  # noqa: E402
 
 # never uploaded: resume state, locks, temp and probe files, caches
 EXCLUDED = re.compile(r"(^|/)(trainer_state(\.pt|/.*)|optimizer.*\.pt|rng.*\.pt|\.lock|\.write_probe|.*\.tmp(/.*)?|"
@@ -53,12 +53,6 @@ def files_to_upload(folder: Path) -> list[Path]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run_context(folder: Path) -> dict:
@@ -88,7 +82,7 @@ def run_context(folder: Path) -> dict:
     for key in ("train_file", "val_file", "test_file"):
         if config.get(key):
             path = Path(config[key])
-            data[key] = {"path": config[key], **({"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            data[key] = {"path": config[key], **({"bytes": path.stat().st_size, "sha256": file_sha256(path)}
                                                  if path.is_file() else {"note": "not on this machine"})}  # fmt: skip
     return {"run_dir": run_dir.name, "step": step, "config": config, "metrics": last, "data": data}
 

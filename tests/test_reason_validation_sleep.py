@@ -16,7 +16,7 @@ class RecordingEngine:
     def load_weights(self, policy):
         self.calls.append("load_weights")  # VLLMEngine.load_weights wakes first, then syncs
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, request_keys=None):
         self.calls.append("generate")
         return [[Completion("<think> x </think> <answer> 3 </answer>", [1], "stop")] for _ in prompts]
 

@@ -173,3 +173,14 @@ def data_errors_exit():
         yield
     except ValueError as e:
         raise SystemExit(f"data error: {e}") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read 1 MiB at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.data_sources import is_hub_id, load_records
-from utils.helper_fns import load_prompt
+from utils.helper_fns import file_sha256, load_prompt
 from utils.packing import row_positions_and_documents
 
 IGNORE_INDEX = -100  # label value that the loss skips (the value torch's cross_entropy ignores by default)
@@ -53,12 +53,6 @@ def fill_template(template: str, prompt: str, response: str) -> tuple[str, str]:
     return prompt_part + response + suffix, prompt_part
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
@@ -261,7 +255,7 @@ class PackedSFTDataset(Dataset):
             records = load_records(str(path), split, config)
             content = _records_sha256(records)
         else:
-            content = _file_sha256(path)
+            content = file_sha256(path)
         key_fields = {
             "version": CACHE_VERSION,
             "file_sha256": content,

@@ -15,6 +15,7 @@ Rules (each a refusal with a message that names the folder and the ways on, neve
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -78,6 +79,20 @@ def prepare_run_dir(output_dir: str | os.PathLike, run_name: str, resume: bool, 
         run_dir.rename(aside)
         print(f"--overwrite: moved the earlier run {run_dir} to {aside}", flush=True)
     return check_writable_dir(run_dir, "--output-dir")
+
+
+@contextlib.contextmanager
+def claimed_run(output_dir: str | os.PathLike, run_name: str, settings: dict, resume: bool, overwrite: bool,
+                allowed_changes: Iterable[str] = ()):  # fmt: skip
+    """The trainers' way into a run folder: `prepare_run_dir`, the `RunLock` held for the block, and on resume
+    `check_resume_config` of `settings` (the script's flags; "device" is saved resolved, so it is compared later by
+    `record_config`). Yields the run folder."""
+    run_dir = prepare_run_dir(output_dir, run_name, resume, overwrite)
+    with RunLock(run_dir):
+        if resume:
+            flags = {k: v for k, v in settings.items() if k != "device"}
+            check_resume_config(run_dir, flags, allowed_changes=allowed_changes)
+        yield run_dir
 
 
 class RunLock:
@@ -162,11 +177,13 @@ def config_changes(saved: dict, current: dict, ignore: Iterable[str]) -> dict[st
     return out
 
 
-# Settings a resume may change without changing what is trained or how it is evaluated: where logs go, how often
-# checkpoints are kept, how fast the grader or engine runs. Everything else must match the run's config.json.
-RESUME_SAFE_KEYS = ("resume", "overwrite", "allow_config_change", "eval_every", "save_every", "keep_last",
-                    "wandb_project", "wandb_entity", "wandb_tags", "grader_workers", "gpu_memory_utilization",
-                    "vllm_device", "peak_tflops", "cache_dir", "plan_only", "gpu_memory_gib", "vllm_sleep")  # fmt: skip
+# Settings a resume may change without changing what is trained or how it is evaluated: where the run folder is (a
+# copied run resumes under its new name; `resolved_model` is a path, the model itself is `model`), where logs go,
+# how often checkpoints are kept, how fast the grader or engine runs. Everything else must match config.json.
+RESUME_SAFE_KEYS = ("run_name", "run_dir", "output_dir", "resolved_model", "resume", "overwrite",
+                    "allow_config_change", "eval_every", "save_every", "keep_last", "wandb_project", "wandb_entity",
+                    "wandb_tags", "grader_workers", "gpu_memory_utilization", "vllm_device", "peak_tflops", "cache_dir",
+                    "plan_only", "gpu_memory_gib", "vllm_sleep")  # fmt: skip
 
 
 def check_resume_config(run_dir: Path, settings: dict, ignore: Iterable[str] = RESUME_SAFE_KEYS,
