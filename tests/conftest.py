@@ -138,6 +138,11 @@ def load_script(relative_path: str):
     return module
 
 
+def snapshot_files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` by relative path, with its bytes: compare two snapshots to prove nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (test servers and torchrun rendezvous bind only there)."""
     with socket.socket() as s:

@@ -10,14 +10,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import snapshot_files
 
 from utils.run_dir import RunLock, config_changes, prepare_run_dir, record_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("name", ["../x", "../../x", "a/b", "/abs", "..", ".", "", "~user", " pad", "a\\b"])
@@ -38,21 +35,21 @@ def _old_run(tmp_path) -> Path:
 
 def test_existing_run_is_refused_without_resume_and_untouched(tmp_path):
     run = _old_run(tmp_path)
-    before = _snapshot(run)
+    before = snapshot_files(run)
     with pytest.raises(SystemExit) as e:
         prepare_run_dir(tmp_path / "out", "r1", resume=False, overwrite=False)
     message = str(e.value)
     assert str(run) in message and "--resume" in message and "--overwrite" in message and "--run-name" in message
-    assert _snapshot(run) == before
+    assert snapshot_files(run) == before
 
 
 def test_overwrite_moves_the_old_run_aside_byte_for_byte(tmp_path, capsys):
     run = _old_run(tmp_path)
-    before = _snapshot(run)
+    before = snapshot_files(run)
     out = prepare_run_dir(tmp_path / "out", "r1", resume=False, overwrite=True)
     assert out == run and out.is_dir() and not any(out.iterdir())
     aside = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("r1.replaced-")]
-    assert len(aside) == 1 and _snapshot(aside[0]) == before
+    assert len(aside) == 1 and snapshot_files(aside[0]) == before
     assert str(aside[0]) in capsys.readouterr().out
 
 

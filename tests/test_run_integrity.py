@@ -16,16 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import snapshot_files
 
 import evaluate_reason as E
 import train_sft_instruct as I
 import train_sft_reason as T
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _reason(tmp_path, *extra):
@@ -50,19 +47,19 @@ def _fake_run(tmp_path, name="demo", **config) -> Path:
 # ---------------------------------------------------------------------------------------------- data loss and mixing
 def test_rerun_with_an_existing_run_name_is_refused_and_loses_nothing(tmp_path):
     run = _fake_run(tmp_path)
-    before = _snapshot(run)
+    before = snapshot_files(run)
     with pytest.raises(SystemExit) as e:
         T.main(_reason(tmp_path, "--max-steps", "1"))
     assert str(run) in str(e.value) and "--resume" in str(e.value) and "--overwrite" in str(e.value)
-    assert _snapshot(run) == before
+    assert snapshot_files(run) == before
 
 
 def test_instruct_rerun_is_refused_too(tmp_path):
     run = _fake_run(tmp_path, name="instruct_demo")
-    before = _snapshot(run)
+    before = snapshot_files(run)
     with pytest.raises(SystemExit, match="already holds a run"):
         I.main(_instruct(tmp_path))
-    assert _snapshot(run) == before
+    assert snapshot_files(run) == before
 
 
 def test_a_second_run_on_a_locked_folder_is_refused_at_once(tmp_path):
@@ -93,13 +90,13 @@ def test_a_second_run_on_a_locked_folder_is_refused_at_once(tmp_path):
 
 def test_resume_with_changed_settings_is_refused_naming_each(tmp_path):
     run = _fake_run(tmp_path)
-    before = _snapshot(run)
+    before = snapshot_files(run)
     with pytest.raises(SystemExit) as e:
         T.main(_reason(tmp_path, "--resume", "--lr", "0.01", "--micro-batch-size", "8"))
     message = str(e.value)
     assert "lr: 0.003 -> 0.01" in message and "micro_batch_size: 32 -> 8" in message
     assert "--allow-config-change lr,micro_batch_size" in message
-    assert _snapshot(run) == before
+    assert snapshot_files(run) == before
 
 
 @pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "a/b", ".."])
