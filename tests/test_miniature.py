@@ -118,7 +118,15 @@ def test_report_tables_match_the_eval_files(smoke):
         assert p["accuracy"]["mean"] == pytest.approx(sum(accs) / len(accs))
         by_point[p["set"]] += 1
     assert by_point == {"all": len(args.sizes), "filtered": len(args.sizes), "summed": 1}
-    base = json.loads((runs / "demo" / "eval_base" / "summary.json").read_text())["metrics"]["accuracy"]
+    # base and teacher: their own evals of the demo run's checkpoints, named by step (not the demo run's final eval)
+    evals = {role: json.loads((work / "evals" / f"{role}_step_{step:06d}" / "summary.json").read_text())
+             for role, step in (("base", args.base_step), ("teacher", args.teacher_step))}  # fmt: skip
+    for role, step in (("base", args.base_step), ("teacher", args.teacher_step)):
+        assert Path(evals[role]["model"]).name == f"step_{step:06d}"
+        assert findings[role]["demo_step"] == step
+        assert findings[role]["accuracy"] == evals[role]["metrics"]["accuracy"]
+    assert not (runs / "demo" / "eval_full").exists()
+    base = evals["base"]["metrics"]["accuracy"]
     filtered_full = [p for p in findings["points"] if p["set"] == "filtered" and p["full"]][0]
     assert findings["findings"]["sft_vs_base"]["mean"] == pytest.approx(filtered_full["accuracy"]["mean"] - base)
     row = next(line for line in (report / "findings.md").read_text().splitlines()

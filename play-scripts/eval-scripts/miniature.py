@@ -210,6 +210,12 @@ def eval_cmd(args, model: Path, out: Path) -> list[str]:
             "--engine", args.eval_engine, "--grader-workers", "1", "--no-progress", "--output", str(out)]  # fmt: skip
 
 
+def base_teacher_evals(args) -> tuple[Path, Path]:
+    """evaluate_reason.py output folders of the base and the teacher (plot_miniature.py reads them)."""
+    evals = Path(args.work_dir) / "evals"
+    return evals / f"base_step_{args.base_step:06d}", evals / f"teacher_step_{args.teacher_step:06d}"
+
+
 def student_runs(args, set_sizes: dict[str, int]) -> dict[str, list[tuple[int, str]]]:
     """{set label: [(size, run name)]} over seeds. A size above the smaller set's count is left out of both sets
     (a comparison needs both; printed), -1 = each whole set; the summed-loss students train on the whole correct set."""
@@ -281,9 +287,9 @@ def main(args: argparse.Namespace) -> None:
                                      args.student_lr, seed) + ["--loss-normalization", "constant"]]  # fmt: skip
         for n in swept + [n for _, n in mine[SUMMED]]:
             evals[n] = (runs / n / "eval_full", f"sweep_seed{seed}" if n in swept else n)
-    # The teacher is the demo run's last checkpoint, so its test score is the demo run's eval_full (where the plot
-    # scripts look for a run's final score); the base's sits beside it.
-    for name, model, out in (("base", base, demo_run / "eval_base"), ("teacher", teacher, demo_run / "eval_full")):
+    # The base's and the teacher's test scores live outside the demo run's folder: they score two of its checkpoints,
+    # not the run's final model, and the plot scripts read a run's own eval_full/ (or any <run>/*/) as its final score.
+    for name, model, out in zip(("base", "teacher"), (base, teacher), base_teacher_evals(args)):
         if not finished_eval(out, args.num_test):
             jobs[f"eval_{name}"] = [eval_cmd(args, model, out)]
     for n, (out, after) in evals.items():
@@ -293,18 +299,21 @@ def main(args: argparse.Namespace) -> None:
     stage("sweep + eval", not jobs, jobs, args, [runs / n for n in evals], needs)
 
     groups = {"all": "all", "filtered": "filtered", SUMMED: "filtered, summed loss"}
-    curves = [("demo", "CPU demo run (teacher = last step)"), ("seed1_all_full", "all traces"),
+    curves = [("demo", f"CPU demo run (gold solutions; base = step {args.base_step}, teacher = step {args.teacher_step})"),
+              ("seed1_all_full", "all traces"),
               ("seed1_filtered_full", "correct traces"), (f"seed1_{SUMMED}_full", "correct traces, summed loss")]
     curves = [(n, label) for n, label in curves if (runs / n).exists()]
+    # The demo run has no test-split eval of its final model (its checkpoints' evals are under evals/): no star.
+    final_evals = ["none" if n == "demo" else "auto" for n, _ in curves]
     sweep_patterns = [str(runs / f"seed*_{label}_*") for label in groups]
     jobs = {"report": [
         [PY, SCRIPTS["plot"], "--runs", *[str(runs / n) for n, _ in curves], "--labels", *[l for _, l in curves],
-         "--base", "none", "--output-dir", str(report)],
+         "--final-evals", *final_evals, "--base", "none", "--output-dir", str(report)],
         [PY, SCRIPTS["readme"], "--reason-runs", *[str(runs / n) for n, _ in curves],
-         "--reason-labels", *[l for _, l in curves], "--sweep-runs", *sweep_patterns,
+         "--reason-labels", *[l for _, l in curves], "--final-evals", *final_evals, "--sweep-runs", *sweep_patterns,
          "--sweep-groups", *groups.values(), "--figures-dir", str(report), "--output", str(report / "README.md")],
         [PY, SCRIPTS["findings"], "--work-dir", str(work), "--output-dir", str(report)]]}  # fmt: skip
-    summaries = [p.stat().st_mtime for p in runs.glob("*/eval*/summary.json")]
+    summaries = [p.stat().st_mtime for p in [*runs.glob("*/eval*/summary.json"), *(work / "evals").glob("*/summary.json")]]
     findings = report / "findings.json"
     stage("report", findings.exists() and findings.stat().st_mtime > max(summaries, default=0), jobs, args)
     print(f"miniature: done in {time.time() - t_start:.0f} s this invocation -> {report}")

@@ -3,8 +3,9 @@
     python play-scripts/plot-scripts/plot_miniature.py --work-dir results/miniature-work --output-dir results/miniature
 
 Reads <work-dir>/runs/seed<S>_<set>_<size>/ (config.json, eval_full/summary.json of evaluate_reason.py on the
-held-out test split), the base's and the teacher's test scores (runs/demo/eval_base and runs/demo/eval_full: both
-are checkpoints of the CPU demo run) and <work-dir>/traces/sft_filtered.stats.json. Writes to --output-dir:
+held-out test split), the base's and the teacher's test scores (<work-dir>/evals/base_step_<N>/ and
+teacher_step_<N>/: both score checkpoints of the CPU demo run, runs/demo/) and
+<work-dir>/traces/sft_filtered.stats.json. Writes to --output-dir:
 - miniature_findings.png: test accuracy vs unique training examples, all vs correct-only traces (mean over seeds as
   a line, each seed a dot, min-max as a band), the summed-loss students, the base model and the teacher;
 - findings.md / findings.json: the per-point table (mean, min, max, n seeds) and the four published comparisons,
@@ -32,6 +33,18 @@ def test_score(run_dir: Path, folder: str = "eval_full") -> dict | None:
     """`metrics` of the run's held-out eval (evaluate_reason.py summary.json), or None when it is missing."""
     path = run_dir / folder / "summary.json"
     return json.loads(path.read_text())["metrics"] if path.exists() else None
+
+
+def checkpoint_eval(work: Path, role: str) -> dict | None:
+    """Metrics (plus the demo step) of the base's or the teacher's test eval, <work>/evals/<role>_step_<N>/; None when there
+    is none. Several (a work folder reused with another --base-step or --teacher-step) are refused, not guessed."""
+    found = [p for p in sorted((work / "evals").glob(f"{role}_step_*")) if (p / "summary.json").exists()]
+    if len(found) > 1:
+        raise SystemExit(f"{work / 'evals'}: several {role} evals ({', '.join(p.name for p in found)}); "
+                         "keep the one this miniature used")
+    if not found:
+        return None
+    return test_score(found[0], ".") | {"demo_step": int(found[0].name.rsplit("_", 1)[1])}
 
 
 def collect(runs: Path) -> list[dict]:
@@ -114,9 +127,12 @@ def table_lines(pts: list[dict], found: dict, base: dict | None, teacher: dict |
     lines = ["| model | training traces | unique examples | test accuracy: mean (min to max, seeds) | format accuracy |",
              "|---|---|---|---|---|"]  # fmt: skip
     if base is not None:
-        lines.append(f"| base (CPU demo model, early step) | – | – | {base['accuracy']:.3f} | {base['format_accuracy']:.3f} |")
+        lines.append(f"| base (CPU demo model, step {base['demo_step']}) | – | – | {base['accuracy']:.3f} | "
+                     f"{base['format_accuracy']:.3f} |")  # fmt: skip
     if teacher is not None:
-        lines.append(f"| teacher (CPU demo model, last step) | gold (the demo's) | 3,000 | {teacher['accuracy']:.3f} | {teacher['format_accuracy']:.3f} |")
+        gold = f"{teacher['train_examples']:,}" if "train_examples" in teacher else "–"
+        lines.append(f"| teacher (CPU demo model, step {teacher['demo_step']}) | gold (the demo's) | {gold} | "
+                     f"{teacher['accuracy']:.3f} | {teacher['format_accuracy']:.3f} |")  # fmt: skip
     for p in pts:
         size = f"{p['num_examples']:,}" + (" (whole set)" if p["full"] else "")
         lines.append(f"| student | {SET_TITLES[p['set']]} | {size} | {fmt_spread(p['accuracy'])} | "
@@ -159,9 +175,10 @@ def figure(pts: list[dict], rows: list[dict], base: dict | None, teacher: dict |
         seeds = [r for r in rows if r["set"] == s]
         ax.scatter([r["num_examples"] for r in seeds], [r["accuracy"] for r in seeds], color=colors[s], s=12, alpha=0.6)
     if base is not None:
-        ax.axhline(base["accuracy"], color="0.35", linestyle="--", label="base model (CPU demo)")
+        ax.axhline(base["accuracy"], color="0.35", linestyle="--", label=f"base (CPU demo, step {base['demo_step']})")
     if teacher is not None:
-        ax.axhline(teacher["accuracy"], color="tab:green", linestyle=":", label="teacher")
+        ax.axhline(teacher["accuracy"], color="tab:green", linestyle=":",
+                   label=f"teacher (CPU demo, step {teacher['demo_step']})")
     ax.set_xscale("log", base=2)
     ticks = sorted({p["num_examples"] for p in pts})
     ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -188,8 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = collect(runs)
     if not rows:
         raise SystemExit(f"{runs}: no student with a held-out eval (eval_full/summary.json)")
-    base = test_score(runs / "demo", "eval_base")  # the demo run's early checkpoint
-    teacher = test_score(runs / "demo")  # its last checkpoint
+    base, teacher = checkpoint_eval(work, "base"), checkpoint_eval(work, "teacher")  # two demo-run checkpoints
+    demo_config = runs / "demo" / "config.json"
+    if teacher is not None and demo_config.exists():
+        teacher["train_examples"] = json.loads(demo_config.read_text())["train_examples"]
     stats_path = work / "traces" / "sft_filtered.stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     pts, found = points(rows), findings(rows, base, teacher)
