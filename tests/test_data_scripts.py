@@ -442,6 +442,32 @@ def test_generate_offline_backend_resumes(tiny_qwen_dir, tmp_path):
     assert len(read_jsonl(out)) == 8
 
 
+@pytest.mark.parametrize("own_prompt", [True, False])
+def test_generate_auto_does_not_frame_a_prompt_file_twice(tiny_qwen_dir, tmp_path, capsys, own_prompt):
+    """A checkpoint this repo trained carries its training prompt as its chat template: with that prompt as
+    --prompt-file, auto sends it raw (the same text the chat template gives the bare question); any other chat
+    template is applied over the prompt file as before."""
+    from transformers import AutoTokenizer
+
+    from utils.serving import set_training_chat_template
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    prompt = Path("data/demo/demo.prompt").read_text()
+    set_training_chat_template(tok, prompt if own_prompt else "Q: {question}\nA:", "{question}", False, False)
+    tok.save_pretrained(model)
+    question = "What is 12 + 34?"
+    bare = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    assert (bare == prompt.replace("{question}", question)) == own_prompt
+    out = tmp_path / "traces.jsonl"
+    generate(FIXTURES / "math_val.jsonl", out, "--backend", "vllm", "--engine", "hf", "--model", str(model),
+             "--prompt-file", "data/demo/demo.prompt", "--dtype", "float32")  # fmt: skip
+    chosen = "raw" if own_prompt else "chat"
+    assert f"prompt format: {chosen} (" in capsys.readouterr().out
+    assert json.loads((tmp_path / "traces.jsonl.config.json").read_text())["prompt_rendered_as"] == chosen
+
+
 def test_generate_rejects_flags_of_the_other_backend(tmp_path):
     with pytest.raises(SystemExit, match="--prompt-format applies to --backend vllm"):
         generate(FIXTURES / "math_val.jsonl", tmp_path / "t.jsonl", "--model", "m", "--prompt-format", "raw")

@@ -14,7 +14,8 @@ Smoke run (10 problems, 2 samples, short outputs):
 The teacher is asked for a short reasoning in `<think> </think>` and the final answer in `<answer> </answer>`
 (TEACHER_PROMPT below; --prompt-file replaces it). A raw completion (`--api completions`, or an offline model without
 a chat template) gets the r1_zero prompt instead, which ends in `Assistant: <think>`, so the text starts inside the
-reasoning; build_sft_dataset.py accepts both shapes. Nothing is parsed or dropped here: every record keeps the raw
+reasoning; build_sft_dataset.py accepts both shapes. With --prompt-file and --prompt-format auto, an offline checkpoint
+whose chat template is that prompt itself (one this repo trained) gets the prompt raw, not framed twice. Nothing is parsed or dropped here: every record keeps the raw
 text and finish reason, and build_sft_dataset.py filters.
 
 Resume: records are appended as answers arrive, keyed by (problem_id, sample_index) with problem_id = sha1 of the
@@ -84,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", help="auto = the checkpoint's dtype")
     g.add_argument("--max-model-len", type=int, default=0, help="0 = the model's own limit")
     g.add_argument("--prompt-format", choices=["auto", "chat", "raw"], default="auto",
-                   help="auto = the tokenizer's chat template when it has one, else raw")
+                   help="auto = chat when the tokenizer has a chat template that is not the --prompt-file prompt, else raw")
     g.add_argument("--chunk-size", type=int, default=512, help="prompts per generate call (output written after each)")
     return p.parse_args(argv)
 
@@ -142,16 +143,31 @@ def choose_template(args, chat: bool) -> str:
     return template
 
 
-def check_settings(args, out: Path, template: str | None = None) -> None:
+def chat_template_is_prompt(tokenizer, template: str) -> bool:
+    """Whether the tokenizer's chat template, given the bare question, renders exactly `template` with it: a
+    checkpoint trained by this repo carries its training prompt as its chat template (utils.serving)."""
+    probe = "<<the question>>"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+    except Exception:  # a template that refuses the probe message cannot be the prompt itself
+        return False
+    return rendered == template.replace("{question}", probe)
+
+
+def check_settings(args, out: Path, template: str | None = None, rendered_as: str | None = None) -> None:
     """Refuse to resume `out` with sampling settings other than those saved next to it; with a template (the
-    prompt actually sent), compare it too and save the settings."""
+    prompt actually sent), compare it too and save the settings. `rendered_as` ("chat" or "raw", what
+    --prompt-format auto chose) is compared when the saved settings have it (files from before it was saved do not)."""
     settings = {k: getattr(args, k) for k in SAMPLE_SETTINGS}
     if template is not None:
         settings["prompt_sha1"] = hashlib.sha1(template.encode()).hexdigest()
+    if rendered_as is not None:
+        settings["prompt_rendered_as"] = rendered_as
     path = out.with_name(out.name + ".config.json")
     if path.exists() and out.exists():
         saved = json.loads(path.read_text())
-        changed = [k for k in settings if saved.get(k) != settings[k]]
+        changed = [k for k in settings if saved.get(k) != settings[k] and (k in saved or k != "prompt_rendered_as")]
         if changed:
             diff = ", ".join(f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in changed)
             raise SystemExit(f"{out} was made with other settings ({diff}); use another --output or the same flags")
@@ -226,11 +242,13 @@ def run_vllm(args, problems: list[dict], todo: list[tuple[int, int]], out: Path)
     chat = args.prompt_format == "chat" or (args.prompt_format == "auto" and has_template)
     if chat and not has_template:
         raise SystemExit(f"--prompt-format chat: the tokenizer of {args.model} has no chat template")
+    template = choose_template(args, chat=chat)
     if args.prompt_format == "auto":
         why = "the tokenizer has a chat template" if has_template else "the tokenizer has no chat template"
+        if chat and args.prompt_file and chat_template_is_prompt(engine.tokenizer, template):
+            chat, why = False, "the chat template is the --prompt-file prompt itself: chat would frame it twice"
         print(f"prompt format: {'chat' if chat else 'raw'} ({why})")
-    template = choose_template(args, chat=chat)
-    check_settings(args, out, template)
+    check_settings(args, out, template, rendered_as="chat" if chat else "raw")
 
     def prompt_text(problem: str) -> str:
         text = template.replace("{question}", problem)

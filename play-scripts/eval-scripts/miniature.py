@@ -251,8 +251,8 @@ def main(args: argparse.Namespace) -> None:
     trace_file = traces / "traces.jsonl"
     stage("traces", count_lines(trace_file) == args.num_problems, {"traces": [[
         PY, SCRIPTS["traces"], "--backend", "vllm", "--model", str(teacher), "--problems", str(data / "problems.jsonl"),
-        # raw: the prompt file is the whole prompt (the teacher checkpoint also carries it as its chat template,
-        # which --prompt-format auto would apply on top)
+        # raw: the prompt file is the whole prompt (the teacher checkpoint also carries it as its chat template;
+        # auto would see that and choose raw too, raw says it)
         "--output", str(trace_file), "--prompt-file", PROMPT, "--prompt-format", "raw",
         "--temperature", f"{args.temperature:g}",
         "--max-tokens", str(args.max_tokens), "--stop", "</answer>", "--seed", "0"]]}, args)
