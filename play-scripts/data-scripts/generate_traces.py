@@ -15,8 +15,8 @@ The teacher is asked for a short reasoning in `<think> </think>` and the final a
 (TEACHER_PROMPT below; --prompt-file replaces it). A raw completion (`--api completions`, or an offline model without
 a chat template) gets the r1_zero prompt instead, which ends in `Assistant: <think>`, so the text starts inside the
 reasoning; build_sft_dataset.py accepts both shapes. With --prompt-file and --prompt-format auto, an offline checkpoint
-whose chat template is that prompt itself (one this repo trained) gets the prompt raw, not framed twice. Nothing is parsed or dropped here: every record keeps the raw
-text and finish reason, and build_sft_dataset.py filters.
+whose chat template is that prompt itself (one this repo trained) gets the prompt raw, not framed twice. Nothing is
+parsed or dropped here: every record keeps the raw text and finish reason, and build_sft_dataset.py filters.
 
 Resume: records are appended as answers arrive, keyed by (problem_id, sample_index) with problem_id = sha1 of the
 problem text. A re-run skips finished keys; with the openai backend every answer is also in the request cache
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", help="auto = the checkpoint's dtype")
     g.add_argument("--max-model-len", type=int, default=0, help="0 = the model's own limit")
     g.add_argument("--prompt-format", choices=["auto", "chat", "raw"], default="auto",
-                   help="auto = chat when the tokenizer has a chat template that is not the --prompt-file prompt, else raw")
+                   help="auto = chat if the tokenizer has a chat template (not the --prompt-file prompt itself), else raw")
     g.add_argument("--chunk-size", type=int, default=512, help="prompts per generate call (output written after each)")
     return p.parse_args(argv)
 
