@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", help="auto = the checkpoint's dtype")
     g.add_argument("--max-model-len", type=int, default=0, help="0 = the model's own limit")
     g.add_argument("--prompt-format", choices=["auto", "chat", "raw"], default="auto",
-                   help="auto = chat if the tokenizer has a chat template (not the --prompt-file prompt itself), else raw")
+                   help="auto = chat if the tokenizer has a chat template (not the --prompt-file prompt itself), "
+                        "else raw")
     g.add_argument("--chunk-size", type=int, default=512, help="prompts per generate call (output written after each)")
     return p.parse_args(argv)
 
