@@ -54,7 +54,8 @@ def chain_record(terms: tuple[int, ...], with_response: bool) -> dict:
 
 def sample_chains(num_terms: int, count: int, seed: int, exclude: set[str]) -> list[tuple[int, ...]]:
     """`count` distinct chains of two-digit numbers whose running sums stay below 100 until the last term, none of
-    whose problem texts is in `exclude` (rejection sampling: a chain whose first terms sum to 100 or more is redrawn)."""
+    whose problem texts is in `exclude` (rejection sampling: a chain whose first terms sum to 100 or more is
+    redrawn)."""
     rng, seen, out = random.Random(seed), set(), []
     for _ in range(100 * count + 100_000):
         chain = tuple(rng.randint(10, 99) for _ in range(num_terms))
@@ -70,8 +71,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=str(DATA_DIR / "miniature"), help="output folder")
     p.add_argument("--terms", type=int, default=2, help="two-digit numbers per problem (>= 2; 2 = the CPU demo's task)")
-    p.add_argument("--exclude", nargs="*", default=[], help="record files whose problems must not be drawn (e.g. the demo's)")
-    p.add_argument("--num-gold", type=int, default=2000, help="problems with gold responses, a teacher's training set (0 = none: the miniature's teacher is the CPU demo's model)")
+    p.add_argument("--exclude", nargs="*", default=[],
+                   help="record files whose problems must not be drawn (e.g. the demo's)")
+    p.add_argument("--num-gold", type=int, default=2000,
+                   help="problems with gold responses for training a teacher (0 = none, as in the miniature)")
     p.add_argument("--num-problems", type=int, default=3000, help="problems for the teacher to answer")
     p.add_argument("--num-val", type=int, default=200, help="in-loop validation problems")
     p.add_argument("--num-test", type=int, default=500, help="held-out test problems")

