@@ -340,3 +340,20 @@ def test_readme_tables_equal_the_fixture_files(results, tmp_path, capsys):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(Path(link).name for link in links) == sorted(p.name for p in figs.glob("*.png"))
     assert all((output.parent / link).resolve().exists() for link in links)
+
+
+def test_sweep_means_average_seeds_at_each_size():
+    """Several runs at one size are seeds: the line is their mean at that size, the dots each run, in size order."""
+    from utils.plotting import Run, SweepPoint, sweep_means
+
+    def point(group, n, acc, fmt, full=False):
+        return SweepPoint(Run(f"{group}-{n}-{acc}", Path(".")), group, n, full, acc, fmt, "full val (n=10)")
+
+    points = [point("all", 512, 0.5, 0.9), point("all", 128, 0.2, None), point("all", 128, 0.4, 1.0),
+              point("all", 128, 0.3, 0.8), point("filtered", 900, 0.7, 0.95, full=True), point("all", 512, 0.6, 0.7)]
+    acc = sweep_means(points, "accuracy")
+    assert [(n, full) for n, _, _, full in acc["all"]] == [(128, False), (512, False)]
+    assert acc["all"][0][1] == pytest.approx(0.3) and sorted(acc["all"][0][2]) == [0.2, 0.3, 0.4]
+    assert acc["all"][1][1] == pytest.approx(0.55) and acc["filtered"] == [(900, 0.7, [0.7], True)]
+    fmt = sweep_means(points, "format_accuracy")  # a run without a format score is left out of that panel only
+    assert fmt["all"][0][1] == pytest.approx(0.9) and len(fmt["all"][0][2]) == 2

@@ -392,3 +392,18 @@ def sweep_points(runs: list[Run], groups: list[str] | None, score: str) -> list[
         group = sweep_group(run, groups[run.pattern_index] if groups else None)
         points.append(SweepPoint(run, group, n, full, float(acc), None if fmt is None else float(fmt), source))
     return sorted(points, key=lambda p: (p.group, p.num_examples))
+
+
+def sweep_means(points: list[SweepPoint], attr: str) -> dict[str, list[tuple[int, float, list[float], bool]]]:
+    """Per group, per unique-example count: (count, mean of `attr` over the runs there, their values, whether it is
+    the whole file). Several runs at one size are seeds: the figure draws their mean as the line and each as a dot,
+    never a line through the seeds one after another. Runs whose `attr` is None are left out."""
+    by_key: dict[tuple[str, int], list[SweepPoint]] = {}
+    for p in points:
+        if getattr(p, attr) is not None:
+            by_key.setdefault((p.group, p.num_examples), []).append(p)
+    out: dict[str, list[tuple[int, float, list[float], bool]]] = {}
+    for (group, n), pts in sorted(by_key.items()):
+        values = [float(getattr(p, attr)) for p in pts]
+        out.setdefault(group, []).append((n, sum(values) / len(values), values, any(p.full for p in pts)))
+    return out

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from utils.plotting import (  # noqa: E402
     FIG_REASON_ACCURACY, FIG_REASON_SWEEP, FIG_REASON_TRAIN, REFERENCE_REASON, REFERENCE_REASON_MODEL, Run,
     expand_runs, find_final_summary, load_metrics, read_json, run_colors, save_figure, series, summary_metrics,
-    sweep_points, use_agg, warn,
+    sweep_means, sweep_points, use_agg, warn,
 )  # fmt: skip
 
 ACCURACY_PANELS = (("eval/math/accuracy", "accuracy", "Validation accuracy"),
@@ -175,14 +175,18 @@ def sweep_figure(points, colors_by_group: dict):
     ticks = sorted({p.num_examples for p in points})
     tick_labels = {t: f"{t / 1000:.1f}k" if t >= 1000 else str(t) for t in ticks}
     for ax, (attr, title) in zip(axes, (("accuracy", "Accuracy"), ("format_accuracy", "Format accuracy"))):
-        for group in sorted({p.group for p in points}):
-            pts = [p for p in points if p.group == group and getattr(p, attr) is not None]
-            if pts:
-                ax.plot([p.num_examples for p in pts], [getattr(p, attr) for p in pts], marker="o",
-                        color=colors_by_group[group], label=f"{group} traces")  # fmt: skip
-                full = [p for p in pts if p.full]
-                ax.plot([p.num_examples for p in full], [getattr(p, attr) for p in full], marker="s", markersize=10,
-                        markerfacecolor="none", markeredgecolor=colors_by_group[group], linestyle="none")  # fmt: skip
+        for group, rows in sweep_means(points, attr).items():
+            color, seeds = colors_by_group[group], max(len(values) for _, _, values, _ in rows)
+            label = f"{group} traces" + (f" (line: mean of up to {seeds} runs, dots: each run)" if seeds > 1 else "")
+            ax.plot([n for n, *_ in rows], [m for _, m, *_ in rows], marker="o" if seeds == 1 else None,
+                    color=color, label=label)  # fmt: skip
+            if seeds > 1:
+                xs = [n for n, _, values, _ in rows for _ in values]
+                ax.plot(xs, [v for *_, values, _ in rows for v in values], marker="o", markersize=4, alpha=0.5,
+                        color=color, linestyle="none")  # fmt: skip
+            full = [(n, m) for n, m, _, whole in rows if whole]
+            ax.plot([n for n, _ in full], [m for _, m in full], marker="s", markersize=10,
+                    markerfacecolor="none", markeredgecolor=color, linestyle="none")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [tick_labels[t] for t in ticks])
         ax.minorticks_off()
