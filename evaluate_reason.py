@@ -5,7 +5,7 @@ Reference evaluation (5,000 MATH validation problems, temperature 1, stop at </a
 Smoke run (the 20 bundled problems; any checkpoint folder works in place of a hub id):
     python evaluate_reason.py --model Qwen/Qwen2.5-Math-1.5B --data data/sft-reason/sample_val.jsonl --max-tokens 256
 CPU check of the CPU demo's checkpoint on its own val set (greedy; matches the trainer's last in-loop eval):
-    python evaluate_reason.py --model results/demo/checkpoints/step_000500 --data data/demo/val.jsonl \
+    python evaluate_reason.py --model results/demo/checkpoints/step_000500 --data data/demo/val.jsonl \\
         --prompt-template data/demo/demo.prompt --temperature 0 --max-tokens 64
 
 Writes <output-dir>/config.json (these flags, before generating), records.jsonl (one record per example, appended as

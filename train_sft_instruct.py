@@ -2,7 +2,7 @@
 many (FSDP2 through torchrun).
 
 Reference run (Llama-3.1-8B base, ~200k examples, 512-token rows, 32 rows/step, 1 epoch ~6,700 steps):
-    torchrun --nproc_per_node 8 train_sft_instruct.py --micro-batch-size 4 --gradient-accumulation-steps 1 \
+    torchrun --nproc_per_node 8 train_sft_instruct.py --micro-batch-size 4 --gradient-accumulation-steps 1 \\
         --run-name llama8b-sft [--mask-prompt] [--packing doc]
 CPU demo / smoke run (tiny Llama from scratch on the bundled sample):
     python train_sft_instruct.py --preset demo

@@ -1,7 +1,7 @@
 """Reasoning SFT: fine-tune a causal LM on r1_zero-format reasoning traces, validating in-loop by sampling and grading.
 
 Reference run (Qwen2.5-Math-1.5B on 3,496 correct MATH traces, 38 steps of 128; published 0.520 val accuracy):
-    python train_sft_reason.py --train-file data/sft-reason/sft_gpt-oss-120b_filtered.jsonl \
+    python train_sft_reason.py --train-file data/sft-reason/sft_gpt-oss-120b_filtered.jsonl \\
         --val-file data/sft-reason/val.jsonl --run-name qwen-math-filtered
 CPU demo (tiny model trained from scratch on bundled two-digit addition; a few minutes on 2 cores):
     python train_sft_reason.py --preset demo

@@ -1,7 +1,7 @@
 """Training-step throughput: the reference-style padded loop vs our packed step vs TRL's SFTTrainer, synthetic SFT data.
 
     python play-scripts/bench-scripts/bench_train_throughput.py --shape qwen2.5-1.5b --device cuda   # GPU numbers
-    python play-scripts/bench-scripts/bench_train_throughput.py --shape tiny --steps 3 --length-scale 0.1 \
+    python play-scripts/bench-scripts/bench_train_throughput.py --shape tiny --steps 3 --length-scale 0.1 \\
         --max-len 256 --pack-tokens 512 --examples-per-step 8                                       # CPU smoke, 10 s
 
 Synthetic data follows the GPU throughput issue: prompt 60-300 tokens (uniform), response log-normal around 500

@@ -2,9 +2,9 @@
 grade the answer against expected_answer by math equivalence, and write the full and the filtered (correct) sets.
 
     python play-scripts/data-scripts/build_sft_dataset.py --traces data/sft-reason/traces_gpt-oss-120b.jsonl
-    python play-scripts/data-scripts/build_sft_dataset.py --traces data/sft-reason/sft_gpt-oss-120b.jsonl \
+    python play-scripts/data-scripts/build_sft_dataset.py --traces data/sft-reason/sft_gpt-oss-120b.jsonl \\
         --output-full /tmp/published_full.jsonl --output-filtered /tmp/published_equiv.jsonl  # re-filter published set
-    python play-scripts/data-scripts/build_sft_dataset.py --traces tests/fixtures/data/teacher_traces.jsonl \
+    python play-scripts/data-scripts/build_sft_dataset.py --traces tests/fixtures/data/teacher_traces.jsonl \\
         --output-full /tmp/full.jsonl --output-filtered /tmp/filtered.jsonl               # smoke
 
 Input: generate_traces.py records (`text`, `finish_reason`), or published records whose trace is in `reasoning_trace`

@@ -1,14 +1,14 @@
 """Sample teacher reasoning traces for MATH problems: k samples per problem, raw text and finish reason kept.
 
 Real run, a teacher behind any OpenAI-compatible endpoint (here gpt-oss-120b served by `vllm serve` on one node):
-    python play-scripts/data-scripts/generate_traces.py --backend openai --base-url http://127.0.0.1:8000/v1 \
-        --model openai/gpt-oss-120b --problems data/sft-reason/math_train_problems.jsonl \
+    python play-scripts/data-scripts/generate_traces.py --backend openai --base-url http://127.0.0.1:8000/v1 \\
+        --model openai/gpt-oss-120b --problems data/sft-reason/math_train_problems.jsonl \\
         --output data/sft-reason/traces_gpt-oss-120b.jsonl --max-concurrency 64
 Real run, offline on the GPU of this machine (utils.inference: vLLM; `--engine hf` for HF generate):
-    python play-scripts/data-scripts/generate_traces.py --backend vllm --model Qwen/Qwen2.5-Math-7B-Instruct \
+    python play-scripts/data-scripts/generate_traces.py --backend vllm --model Qwen/Qwen2.5-Math-7B-Instruct \\
         --output data/sft-reason/traces_qwen-math-7b.jsonl --k 4
 Smoke run (10 problems, 2 samples, short outputs):
-    python play-scripts/data-scripts/generate_traces.py --backend openai --base-url http://127.0.0.1:8000/v1 \
+    python play-scripts/data-scripts/generate_traces.py --backend openai --base-url http://127.0.0.1:8000/v1 \\
         --model MODEL --limit 10 --k 2 --max-tokens 256 --output /tmp/traces_smoke.jsonl
 
 The teacher is asked for a short reasoning in `<think> </think>` and the final answer in `<answer> </answer>`

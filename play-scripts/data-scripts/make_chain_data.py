@@ -2,7 +2,7 @@
 in the r1_zero response format.
 
     python play-scripts/data-scripts/make_chain_data.py --out-dir data/miniature     # the miniature's default sizes
-    python play-scripts/data-scripts/make_chain_data.py --out-dir /tmp/chain --num-gold 64 --num-problems 64 \
+    python play-scripts/data-scripts/make_chain_data.py --out-dir /tmp/chain --num-gold 64 --num-problems 64 \\
         --num-val 16 --num-test 16                                                  # smoke
 
 Each step of a solution is exactly one CPU-demo trace (make_demo_data.py: two columns, the carry stated), so the

@@ -1,8 +1,8 @@
 """Make the MATH training problems: hiyouga/math12k (train + test) minus every problem of the val set.
 
     python play-scripts/data-scripts/make_math_splits.py          # reads the hub dataset and data/sft-reason/val.jsonl
-    python play-scripts/data-scripts/make_math_splits.py --math12k-files tests/fixtures/data/math12k_train.jsonl \
-        tests/fixtures/data/math12k_test.jsonl --val-file tests/fixtures/data/math_val.jsonl \
+    python play-scripts/data-scripts/make_math_splits.py --math12k-files tests/fixtures/data/math12k_train.jsonl \\
+        tests/fixtures/data/math12k_test.jsonl --val-file tests/fixtures/data/math_val.jsonl \\
         --output /tmp/math_train_problems.jsonl                  # smoke: local stand-ins, no network
 
 Problems are compared after normalization (NFKC; `\\dfrac`/`\\tfrac` -> `\\frac`; `\\left`/`\\right`, spacing

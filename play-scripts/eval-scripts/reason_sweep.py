@@ -1,11 +1,11 @@
 """Dataset-size sweep for reasoning SFT: train on {128, 256, 512, 1024, full} unique examples of each training file
 (all traces vs correct-only traces) and write one summary table.
 
-    python play-scripts/eval-scripts/reason_sweep.py \
-        --train-files data/sft-reason/sft_gpt-oss-120b.jsonl data/sft-reason/sft_gpt-oss-120b_filtered.jsonl \
+    python play-scripts/eval-scripts/reason_sweep.py \\
+        --train-files data/sft-reason/sft_gpt-oss-120b.jsonl data/sft-reason/sft_gpt-oss-120b_filtered.jsonl \\
         --labels all filtered --sizes 128 256 512 1024 -1 -- --epochs 3
 Smoke run on the demo data:
-    python play-scripts/eval-scripts/reason_sweep.py --train-files data/demo/train.jsonl --labels demo \
+    python play-scripts/eval-scripts/reason_sweep.py --train-files data/demo/train.jsonl --labels demo \\
         --sizes 64 128 -- --preset demo --max-steps 20 --eval-every 20
 
 Everything after `--` goes to every train_sft_reason.py run unchanged. Each run is a subprocess writing

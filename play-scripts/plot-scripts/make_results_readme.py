@@ -2,10 +2,10 @@
 
 Render the figures first, with the same run globs and labels, then write the report:
     python play-scripts/plot-scripts/plot_reason.py --runs 'results/qwen-math-*' --sweep-runs 'results/sweep-*'
-    python play-scripts/plot-scripts/plot_instruct.py --runs results/llama-nomask results/llama-mask \
+    python play-scripts/plot-scripts/plot_instruct.py --runs results/llama-nomask results/llama-mask \\
         --labels "no masking" "prompt masking"
-    python play-scripts/plot-scripts/make_results_readme.py --reason-runs 'results/qwen-math-*' \
-        --sweep-runs 'results/sweep-*' --instruct-runs results/llama-nomask results/llama-mask \
+    python play-scripts/plot-scripts/make_results_readme.py --reason-runs 'results/qwen-math-*' \\
+        --sweep-runs 'results/sweep-*' --instruct-runs results/llama-nomask results/llama-mask \\
         --instruct-labels "no masking" "prompt masking"
 After the CPU demo run (figures in results/demo, which .gitignore lets be committed):
     python play-scripts/plot-scripts/plot_reason.py --runs results/demo --output-dir results/demo

@@ -1,7 +1,7 @@
 """Figures for instruction SFT runs, from the per-checkpoint benchmark summaries evaluate_instruct.py writes.
 
 Masking vs no masking, each run evaluated at its base model and several checkpoints:
-    python play-scripts/plot-scripts/plot_instruct.py --runs results/llama-nomask results/llama-mask \
+    python play-scripts/plot-scripts/plot_instruct.py --runs results/llama-nomask results/llama-mask \\
         --labels "no masking" "prompt masking" --output-dir results/figures
 One run, with the published base-model numbers as the baseline:
     python play-scripts/plot-scripts/plot_instruct.py --runs 'results/llama-mask*' --baseline reference

@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work-dir", default="results/miniature-work", help="miniature.py's work folder")
     p.add_argument("--output-dir", default="results/miniature", help="where the figure and tables go")
     p.add_argument("--base-step", type=int, default=None, help="demo step of the base (default: the one evaluated)")
-    p.add_argument("--teacher-step", type=int, default=None, help="demo step of the teacher (default: the one evaluated)")
+    p.add_argument("--teacher-step", type=int, default=None,
+                   help="demo step of the teacher (default: the one evaluated)")
     args = p.parse_args(argv)
     work, out = Path(args.work_dir), Path(args.output_dir)
     runs = work / "runs"

@@ -1,7 +1,7 @@
 """Figures for reasoning SFT runs, from their metrics.jsonl and full-val summary.json files.
 
 All-traces and correct-traces runs with their full-val scores, plus a dataset-size sweep:
-    python play-scripts/plot-scripts/plot_reason.py --runs 'results/qwen-math-all' 'results/qwen-math-filtered*' \
+    python play-scripts/plot-scripts/plot_reason.py --runs 'results/qwen-math-all' 'results/qwen-math-filtered*' \\
         --labels "all traces" "correct traces" --sweep-runs 'results/sweep-*' --output-dir results/figures
 The CPU demo run (figures next to it, where .gitignore lets them be committed):
     python play-scripts/plot-scripts/plot_reason.py --runs results/demo --output-dir results/demo
