@@ -264,6 +264,7 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
 
     # MFU inputs (utils.training.MFU_FORMULA); a sharded model's DTensors report their global sizes
     n_matmul, n_layers = matmul_parameters(model), model.config.num_hidden_layers
+    n_trainable_matmul = matmul_parameters(model, trainable_only=True)  # < n_matmul under LoRA
     attn_width, policy_device = attention_width(model.config), torch.device(device)
     if device.startswith("cuda"):
         say(f"{MFU_FORMULA}; peak {args.peak_tflops:g} TFLOP/s (--peak-tflops)")
@@ -345,7 +346,7 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
             metrics = {f"train/{k}": v for k, v in stats.items()}
             if device.startswith("cuda"):  # MFU of this rank's GPU: its own tokens over the step time
                 tokens, pairs = step_flop_counts(micro)
-                flops = training_flops(n_matmul, n_layers, attn_width, tokens, pairs)
+                flops = training_flops(n_matmul, n_layers, attn_width, tokens, pairs, n_trainable_matmul)
                 metrics.update(gpu_step_metrics(flops, stats["step_time_s"], args.peak_tflops, policy_device))
             if info.is_main:
                 progress.write(format_step_line(step, metrics))

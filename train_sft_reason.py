@@ -266,6 +266,7 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     # MFU inputs (utils.training.MFU_FORMULA), read before any FSDP sharding or compile wrapping hides them
     n_matmul, n_layers = matmul_parameters(model), model.config.num_hidden_layers
+    n_trainable_matmul = matmul_parameters(model, trainable_only=True)  # < n_matmul under LoRA
     attn_width, policy_device = attention_width(model.config), next(model.parameters()).device
     if device.startswith("cuda"):
         print(f"{MFU_FORMULA}; peak {args.peak_tflops:g} TFLOP/s (--peak-tflops)")
@@ -319,7 +320,7 @@ def train(args: argparse.Namespace, run_dir: Path) -> dict:
             metrics = {f"train/{k}": v for k, v in stats.items()}
             if device.startswith("cuda"):
                 tokens, pairs = step_flop_counts(micro)
-                flops = training_flops(n_matmul, n_layers, attn_width, tokens, pairs)
+                flops = training_flops(n_matmul, n_layers, attn_width, tokens, pairs, n_trainable_matmul)
                 metrics.update(gpu_step_metrics(flops, stats["step_time_s"], args.peak_tflops, policy_device))
             progress.write(format_step_line(step, metrics))
             progress.update(stats["tokens"])

@@ -125,19 +125,56 @@ def test_packed_step_equals_padded_step(model_and_batch, tiny_qwen_dir, normaliz
 
 
 # ----------------------------------------------------------------------------------------------------------- MFU
-def test_matmul_parameters_drop_the_input_embedding_only(tiny_qwen_dir, tiny_llama_dir):
+def test_matmul_parameters_drop_the_input_embedding_biases_and_norms(tiny_qwen_dir, tiny_llama_dir):
     from utils.training import matmul_parameters
 
     for folder in (tiny_qwen_dir, tiny_llama_dir):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        emb = model.get_input_embeddings().weight.numel()
         head = model.get_output_embeddings().weight.numel()
-        total = sum(p.numel() for p in model.parameters())  # a tied head is counted once here
         tied = model.config.tie_word_embeddings
-        # every parameter but the lookup table, plus the head as a matmul, tied or not
-        assert matmul_parameters(model) == total - emb + (head if tied else 0)
-        assert matmul_parameters(model) == sum(p.numel() for n, p in model.named_parameters()
-                                               if "embed_tokens" not in n) + head * (1 if tied else 0)
+        # every weight matrix but the lookup table, plus the head as a matmul, tied or not
+        matrices = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and p.dim() == 2)
+        assert matmul_parameters(model) == matrices + (head if tied else 0)
+        assert any(p.dim() == 1 for p in model.parameters())  # norm scales (and Qwen2's q/k/v biases) left out
+        assert matmul_parameters(model, trainable_only=True) == matmul_parameters(model)  # everything trains
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_training_flops_equal_torch_flop_counter(lora):
+    """The matmul FLOPs of one forward + backward, counted by torch's FlopCounterMode, against training_flops (no
+    attention term here: CPU sdpa has no FLOP formula, so the counter sees the linear layers only). Full finetuning:
+    exactly 6 x matrix entries x tokens. LoRA: frozen matrices get no weight gradient, 4 x N + 2 x trainable; the
+    formula's documented overcount is the first layer's input gradient (q, k, v and their lora_A read the
+    embedding output, which needs no gradient when the embedding is frozen)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2Config
+
+    from utils.lora import DEFAULT_TARGET_MODULES, apply_lora
+    from utils.training import matmul_parameters, training_flops
+
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if lora:
+        model = apply_lora(model, 4, 8.0, 0.0, DEFAULT_TARGET_MODULES)
+    ids = torch.randint(0, 300, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counts = counter.get_flop_counts()["Global"]
+    assert {str(op) for op in counts} <= {"aten.mm", "aten.addmm", "aten.bmm"}
+    measured, tokens = sum(counts.values()), ids.numel()
+    n, trainable = matmul_parameters(model), matmul_parameters(model, trainable_only=True)
+    formula = training_flops(n, 2, 64, tokens, 0, trainable)
+    if not lora:
+        assert trainable == n and measured == formula == 6 * n * tokens
+        return
+    first_layer_inputs = sum(p.numel() for name, p in model.named_parameters() if ".layers.0.self_attn." in name
+                             and any(f"{m}." in name for m in ("q_proj", "k_proj", "v_proj"))
+                             and "lora_B" not in name and p.dim() == 2)  # fmt: skip
+    assert 0 < trainable < n and measured == formula - 2 * first_layer_inputs * tokens
+    assert 6 * n * tokens > 1.4 * measured  # what the all-trainable formula would have claimed
 
 
 def test_step_flop_counts_packed_equal_padded_on_the_same_documents():
@@ -157,6 +194,8 @@ def test_step_flop_counts_packed_equal_padded_on_the_same_documents():
     assert step_flop_counts([{"input_ids": torch.zeros(2, 4, dtype=torch.long)}]) == (8, 20)
     # by hand: 6 FLOPs per matmul parameter per token, 12 x layers x width per pair
     assert training_flops(1000, 2, 64, 10, 24) == 6 * 1000 * 10 + 12 * 2 * 64 * 24
+    # 100 of the 1000 train (LoRA): 4 per parameter (forward, input gradient), 2 more per trainable one
+    assert training_flops(1000, 2, 64, 10, 24, 100) == (4 * 1000 + 2 * 100) * 10 + 12 * 2 * 64 * 24
 
 
 def test_gpu_step_metrics_empty_off_cuda():

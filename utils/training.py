@@ -27,20 +27,26 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------- MFU
-MFU_FORMULA = ("MFU = (6 x matmul parameters x tokens + 12 x layers x attention width x causal query-key pairs) "
-               "/ step time / peak FLOP/s; matmul parameters = all but the input embedding (a tied lm head counted "
-               "once), tokens and pairs exclude padding, pairs stay inside documents")
+MFU_FORMULA = ("MFU = ((4 x matmul parameters + 2 x trainable matmul parameters) x tokens + 12 x layers x "
+               "attention width x causal query-key pairs) / step time / peak FLOP/s; 6 x parameters x tokens when "
+               "all train (LoRA: frozen weights get no weight gradient); matmul parameters = all but the input "
+               "embedding, biases and norms (a tied lm head counted once), tokens and pairs exclude padding, pairs stay "
+               "inside documents")
 
 
-def matmul_parameters(model: torch.nn.Module) -> int:
-    """Parameters that take part in a matmul per token: all but the input embedding (a lookup, no FLOPs); the lm
-    head counts, tied or not (a tied head is the embedding matrix used once as a matmul)."""
+def matmul_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Weight-matrix entries that take part in a matmul per token: every matrix but the input embedding (a lookup, no
+    FLOPs); the lm head counts, tied or not (a tied head is the embedding matrix used once as a matmul); biases and
+    norm scales do not. `trainable_only`: those with requires_grad (under LoRA the adapters)."""
     model = getattr(model, "_orig_mod", model)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
-    tied = model.get_output_embeddings() is not None and (
-        model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
-    return total - embedding + (embedding if tied else 0)
+    # weight matrices only: biases and norm scales are additions, not multiply-adds (tied weights listed once)
+    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and (p.requires_grad or not trainable_only))
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+    if not tied and (embedding.requires_grad or not trainable_only):
+        total -= embedding.numel()
+    return total
 
 
 def step_flop_counts(micro_batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
@@ -68,11 +74,16 @@ def step_flop_counts(micro_batches: list[dict[str, torch.Tensor]]) -> tuple[int,
     return tokens, pairs
 
 
-def training_flops(matmul_params: int, n_layers: int, attention_width: int, tokens: int, attention_pairs: int) -> float:
-    """Model FLOPs of forward + backward (3 x forward) over `tokens` tokens: 2 FLOPs per multiply-add, so 6 per
-    matmul parameter per token, and 12 x d per causal query-key pair per layer (QK^T and AV, d = heads x head_dim).
-    Recomputation (gradient checkpointing) is not counted: MFU counts the model's work, not the work done."""
-    return 6.0 * matmul_params * tokens + 12.0 * n_layers * attention_width * attention_pairs
+def training_flops(matmul_params: int, n_layers: int, attention_width: int, tokens: int, attention_pairs: int,
+                   trainable_matmul_params: int | None = None) -> float:
+    """Model FLOPs of forward + backward over `tokens` tokens, 2 FLOPs per multiply-add: per matmul parameter and
+    token 2 forward, 2 for the gradient of its input and, if it trains, 2 for its own gradient (6 when everything
+    trains, the usual 3 x forward; `trainable_matmul_params` None = all); per causal query-key pair and layer 12 x d
+    (QK^T and AV, d = heads x head_dim, forward and input gradients). Recomputation (gradient checkpointing) is not
+    counted: MFU counts the model's work, not the work done. Under LoRA the input gradient of the first layer is
+    counted although nothing below it trains (one layer's share of 2 x parameters, a small overcount)."""
+    trainable = matmul_params if trainable_matmul_params is None else trainable_matmul_params
+    return (4.0 * matmul_params + 2.0 * trainable) * tokens + 12.0 * n_layers * attention_width * attention_pairs
 
 
 def attention_width(config) -> int:
