@@ -29,9 +29,9 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------- MFU
 MFU_FORMULA = ("MFU = ((4 x matmul parameters + 2 x trainable matmul parameters) x tokens + 12 x layers x "
                "attention width x causal query-key pairs) / step time / peak FLOP/s; 6 x parameters x tokens when "
-               "all train (LoRA: frozen weights get no weight gradient); matmul parameters = all but the input "
-               "embedding, biases and norms (a tied lm head counted once), tokens and pairs exclude padding, pairs stay "
-               "inside documents")
+               "all train (LoRA: frozen weights get no weight gradient); matmul parameters = the weight matrices "
+               "but the input embedding (a tied lm head counted once), tokens and pairs exclude padding, pairs "
+               "stay inside documents")
 
 
 def matmul_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
