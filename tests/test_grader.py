@@ -331,7 +331,21 @@ def _nested_frac(chars: int) -> str:
 PATHOLOGICAL = [r"9^{9^{9^{9}}}", r"10^{10^{10}}!", _nested_frac(20_000), r"\frac{1}{2", "{{{{{", "}}}(", "",
                 "\u2135\u2202\u2206\u2248\ufffd\x00", r"(10^{100})^{10^{100}}", r"99999!", "9" * 5000,
                 r"\sqrt{" * 500, r"2^{2^{2^{2^{2^{2}}}}}", "9^9^9", "2^2^2^2^2^2", r"10^{9}!", "10!!", r"(10^9)!",
-                r"(x+1)^{10000}", r"\binom{10^{9}}{10^{8}}", r"\frac{10^{9}!}{2}", r"x^{10^{9}}"]
+                r"(x+1)^{10000}", r"\binom{10^{9}}{10^{8}}", r"\frac{10^{9}!}{2}", r"x^{10^{9}}",
+                # the same with the exponent in parentheses
+                "9^(9^(9^9))", "(x+1)^(10000)", "10^(9)!", "x^(10^(9))", "2^(2^(2^(2^(2^2))))"]
+
+
+@pytest.mark.parametrize("answer, ground_truth, expected", [
+    ("2^(x+1)", "2^(1+x)", True), ("2^(x+1)", r"2\cdot 2^x", True), ("2^(x+1)", "2^{x+1}", True),
+    ("2^(x+1)", "2^x+1", False), ("x^(2)+2x+1", "(x+1)^2", True), ("2^(10)", "1024", True),
+    ("x^(1/2)", r"\sqrt{x}", True), ("(1/2)^(2)", r"\frac14", True),
+])  # fmt: skip
+def test_exponents_in_parentheses_are_graded_like_braced_ones(answer, ground_truth, expected):
+    """`2^(x+1)`: the guard reads a parenthesized exponent as one operand (it used to read `(` alone, found it
+    malformed and refused the answer: graded wrong without being parsed)."""
+    assert grade(answer, ground_truth) is expected
+    assert grade(ground_truth, answer) is expected
 
 
 @pytest.mark.parametrize("answer", PATHOLOGICAL, ids=lambda a: repr(a[:20]))

@@ -22,7 +22,8 @@ that the question asked for that rounding, so the answer must spell the same val
 grading is symmetric and cannot tell which side is the reference, so there is no tolerance to give either side.
 
 Where this grader knowingly differs from the published Dr. GRPO grader (understand-r1-zero: PRM800K-style
-normalization and sympy, math-verify when fast=False), as read from its normalization and sympy rules:
+normalization and sympy, math-verify when fast=False), as measured with its r1_zero_reward_fn at fast=True (with
+fast=False, math-verify also credited every example below that the published column calls wrong):
 | answers                                   | published                 | here                 | why                 |
 |-------------------------------------------|---------------------------|----------------------|---------------------|
 | `11a+c` for gold `7 = 11a+c`              | credited (short left cut) | wrong                | a side != relation  |
@@ -30,13 +31,14 @@ normalization and sympy, math-verify when fast=False), as read from its normaliz
 | `x = 5` vs `y = 5`                        | equal (both cut to 5)     | wrong                | whole relation      |
 | several `\\boxed{}`                       | last box only             | last, or all (list)  | one box per root    |
 | `Answer $ 9 $` inside `<answer>`          | whole text graded         | last math span       | one extraction rule |
-| `2, 3` vs `3, 2`; `\\{1,2\\}` vs `1, 2`   | wrong (items in order)    | equal (sets)         | find-all answers    |
-| `(3,1)` vs `1,3`                          | wrong                     | wrong; `(1,3)` equal | a tuple is ordered  |
+| `2, 3` vs `3, 2`; `\\{2,1\\}` vs `1, 2`   | wrong (items in order)    | equal (sets)         | find-all answers    |
+| `(3,1)` vs `1,3`                          | wrong; `(1,3)` wrong      | wrong; `(1,3)` equal | a tuple is ordered  |
 | `\\frac{2}{4}`, `\\frac12`; `\\frac62`, 3 | wrong (reduced/int form)  | equal                | the value counts    |
 | `0.3333333`, `\\frac13` (fast=False)      | credited (6-digit round)  | wrong                | MATH is exact       |
-| `50\\%` vs `0.5`; `28 percent`            | wrong                     | equal                | same quantity       |
-| 3+ variables, `x^{2}`, `2^10`             | sympy refuses: strings    | evaluated            | planes, polynomials |
-| 100,000 digits, `9^{9^{9}}`               | in-process, no hard limit | capped, killed       | a batch must end    |
+| `50\\%` vs `0.5`; `28 percent` vs `0.28`  | wrong                     | equal                | same quantity       |
+| 3+ variables, `2^10`                      | sympy refuses: strings    | evaluated            | planes, polynomials |
+| `2^{x+1}` vs `2\\cdot2^x`; vs `2^x+1`     | as `2^x+1`: wrong; equal  | equal; wrong         | TeX braces group    |
+| 100,000 digits, `((((x+1)^9)^9)^9)^9`     | no time limit: 3 s, 58 s  | capped, killed       | a batch must end    |
 
 `grade_batch` runs stages 1-2 in the calling process and sends only unsettled items to worker processes that it
 kills and replaces when an item exceeds `timeout_s` (concurrent.futures cannot stop a running task, and SIGALRM

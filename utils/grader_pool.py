@@ -40,12 +40,16 @@ def brace_depth(s: str) -> int:
     return deepest if depth == 0 else MAX_BRACE_DEPTH + 1  # unbalanced counts as too deep: refused
 
 
+_GROUP_CLOSE = {"{": "}", "(": ")", "[": "]"}
+
+
 def _operand_end(s: str, i: int) -> int:
-    """End (exclusive) of the operand starting at s[i]: a brace group or one token, with any `^` chain after it."""
-    if i < len(s) and s[i] == "{":
-        depth, end = 0, len(s)
+    """End (exclusive) of the operand starting at s[i]: a brace, parenthesis or bracket group (`2^(x+1)` as well as
+    `2^{x+1}`) or one token, with any `^` chain after it; an unclosed group runs to the end."""
+    if i < len(s) and s[i] in _GROUP_CLOSE:
+        opener, closer, depth, end = s[i], _GROUP_CLOSE[s[i]], 0, len(s)
         for j in range(i, len(s)):
-            depth += {"{": 1, "}": -1}.get(s[j], 0)
+            depth += 1 if s[j] == opener else -1 if s[j] == closer else 0
             if depth == 0:
                 end = j + 1
                 break
