@@ -19,8 +19,9 @@ command resumes; delete a stage's folder to redo it):
   sweep + eval
            reason_sweep.py per seed: students from the base on --sizes examples of each set, validated in the loop
            with vLLM and the grader; train_sft_reason.py with the summed loss (--loss-normalization constant) on the
-           whole correct set; evaluate_reason.py on the held-out test split for the base, the teacher and every
-           student's final checkpoint (each eval starts as soon as its run is done)
+           whole correct set; evaluate_reason.py on the held-out test split for the base and the teacher
+           (<work-dir>/evals/<role>_step_N/) and for every student's final checkpoint (<run>/eval_full/, each
+           eval starting as soon as its run is done)
   report   plot_reason.py, make_results_readme.py and plot_miniature.py write the figures and tables to --report-dir
 
 Subprocesses run --jobs at a time, each with one thread (OMP_NUM_THREADS=1: two threads on a busy 2-core machine run
